@@ -1,0 +1,264 @@
+"""Correlation Mode Decomposition of a parameter trajectory: ``decompose`` and ``Decomposition``.
+
+A trajectory is a (T, N) tensor, one row per snapshot of the N trainable scalars. CMD models each
+column as an affine image of one of a few reference columns::
+
+    w_i(t) ~= a_i * profiles[assignment[i], t] + b_i
+
+All work happens on the trajectory's device, over N in chunks, so that the extra memory stays a
+small multiple of one chunk. Half-precision input is accumulated in float32; float64 stays float64.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .clustering import abs_correlation, cluster_references
+from .sampling import sample_columns
+
+#: Elements of the trajectory processed at once (columns per chunk = this // T).
+CHUNK_ELEMENTS = 1 << 20
+
+_STATE_TENSORS = ("assignment", "references", "profiles", "mean", "comoment", "profile_mean", "profile_m2")
+
+
+class Decomposition:
+    """A fitted CMD model of N parameter trajectories with M modes over T snapshots.
+
+    Attributes:
+        assignment: LongTensor (N,), the mode of each parameter, in ``[0, num_modes)``.
+        references: LongTensor (M,), the column index of each mode's reference parameter.
+        profiles: Tensor (M, T), each reference's value at every snapshot seen so far.
+        a, b: Tensor (N,), affine coefficients: ``w_i(t) ~= a_i * profiles[assignment[i], t] + b_i``.
+
+    The least-squares fit is kept as running statistics (per parameter: mean and co-moment with its
+    reference; per mode: mean and second moment of the profile), so that :meth:`update` refits
+    ``a, b`` over every snapshot seen so far in O(N) memory, never storing the trajectory.
+    """
+
+    def __init__(
+        self,
+        assignment: torch.Tensor,
+        references: torch.Tensor,
+        profiles: torch.Tensor,
+        mean: torch.Tensor,
+        comoment: torch.Tensor,
+        profile_mean: torch.Tensor,
+        profile_m2: torch.Tensor,
+    ) -> None:
+        self.assignment = assignment
+        self.references = references
+        self.profiles = profiles
+        self._mean = mean
+        self._comoment = comoment
+        self._profile_mean = profile_mean
+        self._profile_m2 = profile_m2
+        self._refit()
+
+    @property
+    def num_modes(self) -> int:
+        return self.references.numel()
+
+    @property
+    def num_params(self) -> int:
+        return self.assignment.numel()
+
+    @property
+    def num_snapshots(self) -> int:
+        return self.profiles.shape[1]
+
+    @property
+    def mode_sizes(self) -> torch.Tensor:
+        """LongTensor (M,): how many parameters each mode holds."""
+        return torch.bincount(self.assignment, minlength=self.num_modes)
+
+    def _refit(self) -> None:
+        m2 = self._profile_m2[self.assignment]
+        self.a = torch.where(m2 > 0, self._comoment / torch.where(m2 > 0, m2, 1), 0)
+        self.b = self._mean - self.a * self._profile_mean[self.assignment]
+
+    def evaluate(self, profile_values: torch.Tensor) -> torch.Tensor:
+        """Parameters (N,) given the references' values (M,): ``a * values[assignment] + b``."""
+        return torch.addcmul(self.b, self.a, profile_values.to(self.a)[self.assignment])
+
+    def reconstruct(self) -> torch.Tensor:
+        """The modelled trajectory (T, N) at every snapshot seen so far."""
+        return torch.addcmul(self.b, self.a, self.profiles.T[:, self.assignment])
+
+    def update(self, snapshot: torch.Tensor) -> None:
+        """Online CMD: add one snapshot (N,) and refit ``a, b`` as a batch fit over all snapshots would.
+
+        The references and the assignment stay fixed; ``profiles`` gains a column.
+        """
+        snapshot = torch.as_tensor(snapshot, device=self.a.device)
+        if snapshot.shape != (self.num_params,):
+            raise ValueError(f"snapshot must have shape ({self.num_params},), got {tuple(snapshot.shape)}")
+        x = snapshot.to(self.a.dtype)
+        bad = torch.nonzero(~torch.isfinite(x))
+        if bad.numel():
+            raise ValueError(f"snapshot has a non-finite value at parameter {int(bad[0])}")
+        r = x[self.references]
+        count = self.num_snapshots + 1
+        # Welford updates of the means and (co-)moments, exact for any number of snapshots.
+        r_delta = r - self._profile_mean
+        self._profile_mean += r_delta / count
+        r_delta_new = r - self._profile_mean
+        self._profile_m2 += r_delta * r_delta_new
+        x_delta = x - self._mean
+        self._mean += x_delta / count
+        self._comoment.addcmul_(x_delta, r_delta_new[self.assignment])
+        self.profiles = torch.cat([self.profiles, r[:, None]], dim=1)
+        self._refit()
+
+    def relative_error(self, trajectory: torch.Tensor) -> torch.Tensor:
+        """Per-snapshot relative reconstruction error (T,): ``||w(t) - w_hat(t)|| / ||w(t)||``."""
+        residual, norm, _ = self._residuals(trajectory)
+        return (residual / norm.clamp_min(torch.finfo(norm.dtype).tiny)).sqrt()
+
+    def explained_variance(self, trajectory: torch.Tensor) -> float:
+        """Fraction of the trajectory's variance about each parameter's temporal mean that the model explains."""
+        residual, _, total = self._residuals(trajectory)
+        return 1.0 - float(residual.sum() / total) if total > 0 else 1.0
+
+    def _residuals(self, trajectory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Squared residual norm (T,), squared snapshot norm (T,), total centered sum of squares."""
+        trajectory = _as_trajectory(trajectory)
+        if trajectory.shape != (self.num_snapshots, self.num_params):
+            raise ValueError(
+                f"trajectory must have shape ({self.num_snapshots}, {self.num_params}), got {tuple(trajectory.shape)}"
+            )
+        dtype = self.a.dtype
+        residual = torch.zeros(self.num_snapshots, dtype=dtype, device=self.a.device)
+        norm = torch.zeros_like(residual)
+        total = torch.zeros((), dtype=dtype, device=self.a.device)
+        for cols in _chunks(trajectory.shape):
+            x = trajectory[:, cols].to(dtype)
+            model = torch.addcmul(self.b[cols], self.a[cols], self.profiles.T[:, self.assignment[cols]])
+            residual += (x - model).square().sum(dim=1)
+            norm += x.square().sum(dim=1)
+            total += (x - x.mean(dim=0)).square().sum()
+        return residual, norm, total
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors only, readable by ``torch.load(..., weights_only=True)``."""
+        return {
+            "assignment": self.assignment,
+            "references": self.references,
+            "profiles": self.profiles,
+            "mean": self._mean,
+            "comoment": self._comoment,
+            "profile_mean": self._profile_mean,
+            "profile_m2": self._profile_m2,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> "Decomposition":
+        missing = [key for key in _STATE_TENSORS if key not in state]
+        if missing:
+            raise KeyError(f"Decomposition state_dict is missing {', '.join(missing)}")
+        n, m = state["assignment"].numel(), state["references"].numel()
+        expected = {"mean": (n,), "comoment": (n,), "profile_mean": (m,), "profile_m2": (m,)}
+        for key, shape in expected.items():
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"Decomposition state_dict entry {key!r} has shape {tuple(state[key].shape)}, expected {shape}")
+        return cls(**{key: state[key].clone() for key in _STATE_TENSORS})
+
+    def __repr__(self) -> str:
+        return (
+            f"Decomposition(num_params={self.num_params}, num_modes={self.num_modes}, "
+            f"num_snapshots={self.num_snapshots}, dtype={self.a.dtype}, device={self.a.device})"
+        )
+
+
+def decompose(
+    trajectory: torch.Tensor,
+    modes: int = 10,
+    samples: int = 1000,
+    seed: int = 0,
+    layer_sizes: Sequence[int] | None = None,
+) -> Decomposition:
+    """Fit CMD to a trajectory (T, N): one row per snapshot, one column per parameter.
+
+    Args:
+        trajectory: floating tensor (T, N) with T >= 3, on any device.
+        modes: the most modes to find (the clustering may find fewer).
+        samples: how many columns the clustering sees (K); at least ``modes``.
+        seed: seeds the column sampling; equal inputs and seeds give equal results.
+        layer_sizes: sizes of consecutive column blocks (layers), summing to N. When given, half of the
+            samples are spread evenly over the layers and half in proportion to their sizes.
+    """
+    trajectory = _as_trajectory(trajectory)
+    if isinstance(modes, bool) or not isinstance(modes, int) or modes < 1:
+        raise ValueError(f"modes must be an integer >= 1, got {modes!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < modes:
+        raise ValueError(f"samples must be an integer >= modes ({modes}), got {samples!r}")
+    _check_finite(trajectory)
+    num_snapshots, num_params = trajectory.shape
+    device, dtype = trajectory.device, _compute_dtype(trajectory.dtype)
+
+    generator = torch.Generator().manual_seed(seed)
+    sampled = sample_columns(num_params, samples, layer_sizes, generator).to(device)
+    corr, constant = abs_correlation(trajectory[:, sampled].to(dtype))
+    references = sampled[cluster_references(corr, constant, modes).to(device)]
+
+    profiles = trajectory[:, references].to(dtype).T.contiguous()
+    profile_mean = profiles.mean(dim=1)
+    centered = profiles - profile_mean[:, None]
+    profile_m2 = centered.square().sum(dim=1)
+    # |corr(w_i, r_m)| is proportional to |cov| / std(r_m) for a fixed i, so the argmax needs no norm of w_i.
+    inverse_std = torch.where(profile_m2 > 0, profile_m2.rsqrt(), 0)[:, None]
+
+    assignment = torch.empty(num_params, dtype=torch.long, device=device)
+    mean = torch.empty(num_params, dtype=dtype, device=device)
+    comoment = torch.empty(num_params, dtype=dtype, device=device)
+    for cols in _chunks(trajectory.shape):
+        x = trajectory[:, cols].to(dtype)
+        first = x[0]
+        x = x - first  # shifting each column by its first value keeps float32 sums exact for constant columns
+        cov = centered @ x  # (M, chunk): co-moment of every column with every profile
+        mode = (cov.abs() * inverse_std).argmax(dim=0)
+        assignment[cols] = mode
+        comoment[cols] = cov.gather(0, mode[None]).squeeze(0)
+        mean[cols] = first + x.mean(dim=0)
+    # A reference follows its own profile exactly (a = 1, b = 0), even if an identical column exists.
+    assignment[references] = torch.arange(references.numel(), device=device)
+    comoment[references] = profile_m2
+    mean[references] = profile_mean
+    return Decomposition(assignment, references, profiles, mean, comoment, profile_mean, profile_m2)
+
+
+def _as_trajectory(trajectory: torch.Tensor) -> torch.Tensor:
+    trajectory = torch.as_tensor(trajectory)
+    if trajectory.dim() != 2:
+        raise ValueError(f"trajectory must be 2-D (snapshots, parameters), got shape {tuple(trajectory.shape)}")
+    if not trajectory.is_floating_point():
+        raise ValueError(f"trajectory must be a floating-point tensor, got {trajectory.dtype}")
+    if trajectory.shape[0] < 3:
+        raise ValueError(f"trajectory needs at least 3 snapshots (rows), got {trajectory.shape[0]}")
+    if trajectory.shape[1] < 1:
+        raise ValueError("trajectory has no parameters (0 columns)")
+    return trajectory
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _chunks(shape: torch.Size) -> list[slice]:
+    num_snapshots, num_params = shape
+    width = max(1, CHUNK_ELEMENTS // num_snapshots)
+    return [slice(start, min(start + width, num_params)) for start in range(0, num_params, width)]
+
+
+def _check_finite(trajectory: torch.Tensor) -> None:
+    for cols in _chunks(trajectory.shape):
+        bad_columns = ~torch.isfinite(trajectory[:, cols]).all(dim=0)
+        if bad_columns.any():
+            col = int(bad_columns.nonzero()[0])
+            row = int((~torch.isfinite(trajectory[:, cols.start + col])).nonzero()[0])
+            raise ValueError(
+                f"trajectory has a non-finite value in column {cols.start + col} (snapshot {row}); "
+                "it is the first bad column"
+            )
