@@ -19,7 +19,7 @@ from .clustering import abs_correlation, cluster_references
 from .sampling import sample_columns
 
 #: Elements of the trajectory processed at once (columns per chunk = this // T).
-CHUNK_ELEMENTS = 1 << 20
+CHUNK_ELEMENTS = 1 << 19
 
 _STATE_TENSORS = ("assignment", "references", "profiles", "mean", "comoment", "profile_mean", "profile_m2")
 
@@ -194,34 +194,42 @@ def decompose(
         raise ValueError(f"modes must be an integer >= 1, got {modes!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < modes:
         raise ValueError(f"samples must be an integer >= modes ({modes}), got {samples!r}")
-    _check_finite(trajectory)
     num_snapshots, num_params = trajectory.shape
     device, dtype = trajectory.device, _compute_dtype(trajectory.dtype)
 
     generator = torch.Generator().manual_seed(seed)
     sampled = sample_columns(num_params, samples, layer_sizes, generator).to(device)
-    corr, constant = abs_correlation(trajectory[:, sampled].to(dtype))
+    sampled_columns = trajectory[:, sampled].to(dtype)
+    if not torch.isfinite(sampled_columns).all():
+        _raise_non_finite(trajectory, slice(0, num_params))
+    corr, constant = abs_correlation(sampled_columns)
     references = sampled[cluster_references(corr, constant, modes).to(device)]
 
     profiles = trajectory[:, references].to(dtype).T.contiguous()
     profile_mean = profiles.mean(dim=1)
     centered = profiles - profile_mean[:, None]
     profile_m2 = centered.square().sum(dim=1)
-    # |corr(w_i, r_m)| is proportional to |cov| / std(r_m) for a fixed i, so the argmax needs no norm of w_i.
-    inverse_std = torch.where(profile_m2 > 0, profile_m2.rsqrt(), 0)[:, None]
+    profile_std = profile_m2.sqrt()
+    # One product per chunk gives every column's co-moment with every profile, divided by the profile's
+    # std (for a fixed column, |corr| is proportional to that), and, in the last row, the column sums.
+    weights = torch.cat([centered / torch.where(profile_std > 0, profile_std, 1)[:, None], torch.ones_like(centered[:1])])
 
     assignment = torch.empty(num_params, dtype=torch.long, device=device)
     mean = torch.empty(num_params, dtype=dtype, device=device)
     comoment = torch.empty(num_params, dtype=dtype, device=device)
     for cols in _chunks(trajectory.shape):
         x = trajectory[:, cols].to(dtype)
-        first = x[0]
-        x = x - first  # shifting each column by its first value keeps float32 sums exact for constant columns
-        cov = centered @ x  # (M, chunk): co-moment of every column with every profile
-        mode = (cov.abs() * inverse_std).argmax(dim=0)
+        stats = weights @ x  # (M + 1, chunk)
+        sums = stats[-1]
+        if not torch.isfinite(sums).all():
+            _raise_non_finite(trajectory, cols)
+        mode = stats[:-1].abs().max(dim=0).indices
+        # Constant columns get exactly a = 0 and b = their value, whatever the rounding of the sums.
+        constant = (x == x[0]).all(dim=0)
+        scaled = stats[:-1].gather(0, mode[None]).squeeze(0)
         assignment[cols] = mode
-        comoment[cols] = cov.gather(0, mode[None]).squeeze(0)
-        mean[cols] = first + x.mean(dim=0)
+        comoment[cols] = torch.where(constant, 0, scaled * profile_std[mode])
+        mean[cols] = torch.where(constant, x[0], sums / num_snapshots)
     # A reference follows its own profile exactly (a = 1, b = 0), even if an identical column exists.
     assignment[references] = torch.arange(references.numel(), device=device)
     comoment[references] = profile_m2
@@ -252,13 +260,16 @@ def _chunks(shape: torch.Size) -> list[slice]:
     return [slice(start, min(start + width, num_params)) for start in range(0, num_params, width)]
 
 
-def _check_finite(trajectory: torch.Tensor) -> None:
-    for cols in _chunks(trajectory.shape):
-        bad_columns = ~torch.isfinite(trajectory[:, cols]).all(dim=0)
-        if bad_columns.any():
-            col = int(bad_columns.nonzero()[0])
-            row = int((~torch.isfinite(trajectory[:, cols.start + col])).nonzero()[0])
+def _raise_non_finite(trajectory: torch.Tensor, cols: slice) -> None:
+    """Raise a ValueError naming the first column in ``cols`` that holds a non-finite value."""
+    for chunk in _chunks(trajectory[:, cols].shape):
+        block = trajectory[:, cols][:, chunk]
+        bad_columns = (~torch.isfinite(block).all(dim=0)).nonzero()
+        if bad_columns.numel():
+            col = int(bad_columns[0])
+            row = int((~torch.isfinite(block[:, col])).nonzero()[0])
             raise ValueError(
-                f"trajectory has a non-finite value in column {cols.start + col} (snapshot {row}); "
+                f"trajectory has a non-finite value in column {cols.start + chunk.start + col} (snapshot {row}); "
                 "it is the first bad column"
             )
+    raise ValueError(f"trajectory values in columns {cols.start}..{cols.stop - 1} are too large: their sums overflow")

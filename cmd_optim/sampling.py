@@ -21,7 +21,7 @@ def sample_columns(
     """
     budget = min(samples, num_columns)
     if layer_sizes is None:
-        return torch.randperm(num_columns, generator=generator)[:budget].sort().values
+        return _distinct(num_columns, budget, generator).sort().values
     sizes = [int(s) for s in layer_sizes]
     if any(s < 0 for s in sizes) or sum(sizes) != num_columns:
         raise ValueError(
@@ -31,7 +31,7 @@ def sample_columns(
     quotas = _layer_quotas(sizes, budget)
     picks, offset = [], 0
     for size, quota in zip(sizes, quotas):
-        picks.append(torch.randperm(size, generator=generator)[:quota] + offset)
+        picks.append(_distinct(size, quota, generator) + offset)
         offset += size
     return torch.cat(picks).sort().values
 
@@ -53,3 +53,13 @@ def _layer_quotas(sizes: list[int], budget: int) -> list[int]:
             quotas[i] += 1
             remainder -= 1
     return quotas
+
+
+def _distinct(n: int, k: int, generator: torch.Generator | None) -> torch.Tensor:
+    """``k`` distinct integers drawn uniformly from ``[0, n)``, without an O(n) permutation when k << n."""
+    if 8 * k >= n:
+        return torch.randperm(n, generator=generator)[:k]
+    while True:  # rejection of duplicates: with k < n / 8, one draw almost always suffices
+        draws = torch.randint(n, (2 * k,), generator=generator).unique()
+        if draws.numel() >= k:
+            return draws[torch.randperm(draws.numel(), generator=generator)[:k]]

@@ -1,0 +1,1 @@
+"""Measured comparisons; each module writes its section of docs/benchmarks.md."""
