@@ -1,5 +1,6 @@
 """cmd-optim: Correlation Mode Decomposition (CMD) of neural-network training."""
 from .decomposition import Decomposition, decompose
+from .optimizer import CMDOptimizer
 
-__all__ = ["Decomposition", "decompose"]
+__all__ = ["CMDOptimizer", "Decomposition", "decompose"]
 __version__ = "0.1.0.dev0"

@@ -1,0 +1,358 @@
+"""CMDOptimizer: a warm-up with any torch.optim optimizer, then training through the CMD modes only."""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .decomposition import Decomposition, decompose
+from .projection import MAX_COEFFICIENT, ModeProjection
+from .snapshots import SnapshotBuffer
+
+_PHASES = ("warmup", "reduced")
+
+
+class CMDOptimizer(torch.optim.Optimizer):
+    """Wraps a base optimizer; after ``warmup_steps`` it trains only the CMD mode coefficients.
+
+    Args:
+        model: an ``nn.Module``, or an iterable of parameters, of ``(name, parameter)`` pairs, or of
+            parameter-group dicts (whose ``"params"`` hold either). Parameters with
+            ``requires_grad=False`` are left out; a parameter listed twice (tied weights) counts once.
+        base: a ``torch.optim.Optimizer`` subclass, or a callable ``param_groups -> Optimizer``.
+        modes: the most CMD modes (M); the decomposition may find fewer.
+        warmup_steps: optimizer steps of ordinary training before the switch.
+        snapshot_every: a snapshot of the parameters is taken every this many steps (and at step 0).
+        samples: how many parameter trajectories the clustering sees (K).
+        seed: seeds the sampling of the decomposition.
+        keep_free: ``fnmatch`` patterns of parameter names (e.g. ``"classifier.*"``) that keep ordinary
+            training with the base optimizer after the switch.
+        snapshot_device, snapshot_dtype: where and how the warm-up snapshots are kept. They take
+            ``(warmup_steps // snapshot_every + 1) * N * itemsize`` bytes, freed at the switch.
+        max_coefficient: the largest |a_i| a parameter keeps, relative to its mode's RMS slope.
+        **base_kwargs: passed to ``base`` (``lr``, ``momentum``, ``betas``, ...).
+
+    After the switch, mode ``m`` of parameter group ``g`` has one coefficient ``psi[g, m]``. Its
+    gradient is ``sum_i u_i grad_i / sum_i u_i^2`` over the group's members of the mode (the
+    least-squares projection of the full gradient onto the mode's direction), the base optimizer steps
+    on ``psi`` with the hyperparameters read from ``param_groups`` at every step, and every member moves
+    by ``u_i`` times its coefficient's change. See docs/optimizer.md for the safeguards and the state.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Iterable,
+        base: type[torch.optim.Optimizer] | Callable[..., torch.optim.Optimizer] = torch.optim.SGD,
+        modes: int = 10,
+        warmup_steps: int = 300,
+        snapshot_every: int = 10,
+        samples: int = 1000,
+        seed: int = 0,
+        keep_free: Iterable[str] = (),
+        snapshot_device: torch.device | str = "cpu",
+        snapshot_dtype: torch.dtype = torch.float32,
+        max_coefficient: float = MAX_COEFFICIENT,
+        **base_kwargs,
+    ) -> None:
+        for name, value, low in (("modes", modes, 1), ("warmup_steps", warmup_steps, 1),
+                                 ("snapshot_every", snapshot_every, 1), ("samples", samples, modes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if modes > 256:
+            raise ValueError(f"modes must be at most 256, got {modes}")
+        num_snapshots = warmup_steps // snapshot_every + 1
+        if num_snapshots < 3:
+            raise ValueError(
+                f"warm-up too short: warmup_steps={warmup_steps} with snapshot_every={snapshot_every} gives "
+                f"{num_snapshots} snapshots, CMD needs at least 3"
+            )
+        groups, names = _named_param_groups(model)
+        patterns = list(keep_free)
+        self._base_factory = _base_factory(base, base_kwargs)
+        self.base = self._base_factory([dict(g) for g in groups])
+        self._constructed = False
+        super().__init__(self.base.param_groups, self.base.defaults)
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        self._constructed = True
+
+        self.modes, self.samples, self.seed = modes, samples, seed
+        self.warmup_steps, self.snapshot_every = warmup_steps, snapshot_every
+        self.max_coefficient = max_coefficient
+        self._tracked, self._tracked_groups, self._free = [], [], []
+        for index, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                if any(fnmatch.fnmatchcase(names[p], pattern) for pattern in patterns):
+                    self._free.append(p)
+                else:
+                    self._tracked.append(p)
+                    self._tracked_groups.append(index)
+        if not self._tracked:
+            raise ValueError(f"keep_free={patterns} matches every parameter: nothing is left to decompose")
+        self._snapshots = SnapshotBuffer(self._tracked, num_snapshots, snapshot_device, snapshot_dtype)
+        self._snapshots.record()
+        self._phase = "warmup"
+        self.steps_taken = 0
+        self.skipped_steps = 0
+        self.decomposition: Decomposition | None = None
+        self._projection: ModeProjection | None = None
+        self._psi: list[torch.Tensor] = []
+        self._applied: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ public view
+    @property
+    def phase(self) -> str:
+        """``"warmup"`` until ``warmup_steps`` optimizer steps were taken, then ``"reduced"``."""
+        return self._phase
+
+    @property
+    def trainable_dims(self) -> int:
+        """How many numbers the base optimizer updates per step now."""
+        free = sum(p.numel() for p in self._free)
+        if self._phase == "warmup":
+            return free + sum(p.numel() for p in self._tracked)
+        return free + int(self._projection.active.sum())
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Memory held by the warm-up snapshots now (0 after the switch)."""
+        return self._snapshots.nbytes
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self._constructed:
+            raise NotImplementedError("CMDOptimizer cannot take new parameter groups after construction")
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------ stepping
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """One optimizer step; a step whose gradients are not all finite is skipped and counted."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._phase == "warmup":
+            return self._warmup_step(loss, closure)
+        return self._reduced_step(loss, closure)
+
+    def _warmup_step(self, loss, closure):
+        if not _all_finite(p.grad for group in self.param_groups for p in group["params"]):
+            self.skipped_steps += 1
+            return loss
+        self.base.step(_replaying(loss, closure))
+        self.steps_taken += 1
+        if self.steps_taken % self.snapshot_every == 0:
+            self._snapshots.record()
+        if self.steps_taken == self.warmup_steps:
+            self._switch()
+        return loss
+
+    def _reduced_step(self, loss, closure):
+        if not self._load_mode_gradients():
+            self.skipped_steps += 1
+            return loss
+        for inner, visible in zip(self._inner.param_groups, self.param_groups):
+            inner.update({key: value for key, value in visible.items() if key != "params"})
+
+        def reevaluate():
+            self._sync_parameters()
+            with torch.enable_grad():
+                value = closure()
+            self._load_mode_gradients()
+            return value
+
+        self._inner.step(_replaying(loss, reevaluate if closure is not None else None))
+        self._sync_parameters()
+        self.steps_taken += 1
+        return loss
+
+    @torch.no_grad()
+    def _load_mode_gradients(self) -> bool:
+        """Project the parameter gradients into ``psi.grad``; False if any gradient is non-finite."""
+        mode_grads = self._projection.project([p.grad for p in self._tracked])
+        if not _all_finite([mode_grads, *(p.grad for p in self._free)]):
+            return False
+        for psi, grad in zip(self._psi, mode_grads):
+            psi.grad = grad
+        return True
+
+    @torch.no_grad()
+    def _sync_parameters(self) -> None:
+        """Move the tracked parameters by the change of ``psi`` since they last followed it."""
+        current = torch.stack([psi.detach() for psi in self._psi])
+        self._projection.apply(self._tracked, current - self._applied)
+        self._applied = current
+
+    # ------------------------------------------------------------------ the switch
+    def _switch(self) -> None:
+        self.decomposition = decompose(
+            self._snapshots.trajectory(), modes=self.modes, samples=self.samples, seed=self.seed,
+            layer_sizes=self._snapshots.sizes,
+        )
+        self._snapshots.release()
+        self._projection = ModeProjection.from_decomposition(
+            self.decomposition, self._tracked, self._tracked_groups, len(self.param_groups), self.max_coefficient
+        )
+        momentum = self._projected_momentum()
+        base_state = self.base.state
+        self._build_mode_optimizer(torch.zeros(len(self.param_groups), self.decomposition.num_modes))
+        for p in self._free:  # parameters kept free carry their whole state over
+            if p in base_state:
+                self._inner.state[p] = base_state[p]
+        if momentum is not None:
+            for psi, buffer in zip(self._psi, momentum):
+                self._inner.state[psi]["momentum_buffer"] = buffer.clone()
+        self.base = None  # the full-size state (momentum, second moments) is freed here
+        self._phase = "reduced"
+
+    def _projected_momentum(self) -> torch.Tensor | None:
+        """SGD's momentum buffers, projected like gradients; None where the base keeps no such buffer."""
+        buffers = [self.base.state.get(p, {}).get("momentum_buffer") for p in self._tracked]
+        if any(b is None for b in buffers):
+            return None
+        return self._projection.project(buffers)
+
+    def _build_mode_optimizer(self, psi: torch.Tensor) -> None:
+        device = self._projection.device
+        self._psi = [nn.Parameter(row.clone().to(device)) for row in psi]
+        self._applied = torch.stack([p.detach() for p in self._psi]).clone()
+        groups = []
+        for index, (psi_row, visible) in enumerate(zip(self._psi, self.param_groups)):
+            free = [p for p in visible["params"] if any(p is q for q in self._free)]
+            groups.append({**{k: v for k, v in visible.items() if k != "params"}, "params": [psi_row, *free]})
+        self._inner = self._base_factory(groups)
+        self.state = self._inner.state
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Tensors and plain Python values only (``torch.load(..., weights_only=True)`` reads it).
+
+        In the warm-up it holds the snapshots taken so far, so that a resumed run decomposes the same
+        trajectory; in the reduced phase, 5 bytes per parameter for the projection plus the
+        decomposition (on its device, 24 bytes per parameter).
+        """
+        state = {
+            "phase": self._phase,
+            "steps_taken": self.steps_taken,
+            "skipped_steps": self.skipped_steps,
+            "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
+        }
+        if self._phase == "warmup":
+            state["base"] = self.base.state_dict()
+            state["snapshots"] = self._snapshots.trajectory().clone()
+        else:
+            state["mode_optimizer"] = self._inner.state_dict()
+            state["psi"] = torch.stack([psi.detach() for psi in self._psi]).clone()
+            state["applied"] = self._applied.clone()
+            state["projection"] = self._projection.state_dict()
+            state["decomposition"] = self.decomposition.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        phase = state_dict.get("phase")
+        if phase not in _PHASES:
+            raise ValueError(f"not a CMDOptimizer state_dict: 'phase' is {phase!r}, expected one of {_PHASES}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"state_dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
+            )
+        if self._phase != "warmup":
+            raise RuntimeError("load_state_dict needs a CMDOptimizer still in its warm-up (a freshly built one)")
+        for group, saved in zip(self.param_groups, saved_groups):
+            group.update(saved)
+        self.steps_taken = state_dict["steps_taken"]
+        self.skipped_steps = state_dict["skipped_steps"]
+        if phase == "warmup":
+            self.base.load_state_dict(state_dict["base"])
+            snapshots = state_dict["snapshots"]
+            if snapshots.shape[1] != self._snapshots.data.shape[1]:
+                raise ValueError(
+                    f"state_dict snapshots cover {snapshots.shape[1]} parameters, this optimizer tracks "
+                    f"{self._snapshots.data.shape[1]}"
+                )
+            self._snapshots.data[: len(snapshots)] = snapshots
+            self._snapshots.count = len(snapshots)
+            return
+        self.decomposition = Decomposition.from_state_dict(state_dict["decomposition"])
+        self._projection = ModeProjection.from_state_dict(state_dict["projection"], self._tracked)
+        self._snapshots.release()
+        self._build_mode_optimizer(state_dict["psi"])
+        self._applied = state_dict["applied"].to(self._applied.device).clone()
+        self._inner.load_state_dict(state_dict["mode_optimizer"])
+        for inner, visible in zip(self._inner.param_groups, self.param_groups):
+            inner.update({key: value for key, value in visible.items() if key != "params"})
+        self.base = None
+        self._phase = "reduced"
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for psi in self._psi:
+            psi.grad = None
+
+    def __repr__(self) -> str:
+        inner = self.base if self._phase == "warmup" else self._inner
+        return (f"CMDOptimizer(phase={self._phase!r}, modes={self.modes}, warmup_steps={self.warmup_steps}, "
+                f"trainable_dims={self.trainable_dims}, base={type(inner).__name__})")
+
+
+def _named_param_groups(model) -> tuple[list[dict], dict]:
+    """Parameter groups (trainable, each parameter once) and a name for every parameter."""
+    if isinstance(model, nn.Module):
+        entries = [{"params": list(model.named_parameters())}]
+    else:
+        entries = list(model)
+        if not entries or not isinstance(entries[0], dict):
+            entries = [{"params": entries}]
+    names, seen, groups = {}, set(), []
+    for index, entry in enumerate(entries):
+        params = []
+        for position, item in enumerate(entry["params"]):
+            name, p = item if isinstance(item, tuple) else (f"group{index}.param{position}", item)
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"parameter {name!r} is a {type(p).__name__}, not a tensor")
+            if not p.requires_grad or p in seen:
+                continue
+            if not p.is_floating_point():
+                raise TypeError(f"parameter {name!r} has dtype {p.dtype}; only floating-point parameters can be trained")
+            seen.add(p)
+            names[p] = name
+            params.append(p)
+        if params:
+            groups.append({**{k: v for k, v in entry.items() if k != "params"}, "params": params})
+    if not groups:
+        raise ValueError("CMDOptimizer got an empty parameter list (no parameter requires grad)")
+    return groups, names
+
+
+def _base_factory(base, base_kwargs) -> Callable[[list], torch.optim.Optimizer]:
+    if isinstance(base, type) and not issubclass(base, torch.optim.Optimizer):
+        raise TypeError(f"base must be a torch.optim.Optimizer subclass or a callable returning one, got {base!r}")
+    if not callable(base):
+        raise TypeError(f"base must be a torch.optim.Optimizer subclass or a callable returning one, got {base!r}")
+
+    def make(groups):
+        optimizer = base(groups, **base_kwargs)
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"base returned a {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        return optimizer
+
+    return make
+
+
+def _replaying(loss, closure):
+    """A closure whose first call returns the loss already computed, and later calls re-evaluate."""
+    if closure is None:
+        return None
+    pending = [loss]
+
+    def replay():
+        return pending.pop() if pending else closure()
+
+    return replay
+
+
+def _all_finite(tensors) -> bool:
+    checks = [torch.isfinite(t).all() for t in tensors if t is not None]
+    return bool(torch.stack([c.to(checks[0].device) for c in checks]).all()) if checks else True
