@@ -100,6 +100,8 @@ class CMDOptimizer(torch.optim.Optimizer):
         self._projection: ModeProjection | None = None
         self._psi: list[torch.Tensor] = []
         self._applied: torch.Tensor | None = None
+        self.speed_limit: torch.Tensor | None = None
+        self.limited_steps = 0
 
     # ------------------------------------------------------------------ public view
     @property
@@ -179,10 +181,20 @@ class CMDOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _sync_parameters(self) -> None:
-        """Move the tracked parameters by the change of ``psi`` since they last followed it."""
+        """Move the tracked parameters by the change of ``psi`` since they last followed it.
+
+        The change is capped at the speed limit: no mode moves faster per step than it did during
+        the warm-up (where ``psi`` is cut back, the base optimizer's view is cut back with it).
+        """
         current = torch.stack([psi.detach() for psi in self._psi])
-        self._projection.apply(self._tracked, current - self._applied)
-        self._applied = current
+        delta = current - self._applied
+        limited = torch.maximum(torch.minimum(delta, self.speed_limit), -self.speed_limit)
+        if not torch.equal(limited, delta):
+            self.limited_steps += 1
+            for psi, row in zip(self._psi, self._applied + limited):
+                psi.copy_(row)
+        self._projection.apply(self._tracked, limited)
+        self._applied = self._applied + limited
 
     # ------------------------------------------------------------------ the switch
     def _switch(self) -> None:
@@ -194,6 +206,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         self._projection = ModeProjection.from_decomposition(
             self.decomposition, self._tracked, self._tracked_groups, len(self.param_groups), self.max_coefficient
         )
+        self.speed_limit = self._projection.warmup_speed(self.decomposition, self.snapshot_every)
         momentum = self._projected_momentum()
         base_state = self.base.state
         self._build_mode_optimizer(torch.zeros(len(self.param_groups), self.decomposition.num_modes))
@@ -236,6 +249,7 @@ class CMDOptimizer(torch.optim.Optimizer):
             "phase": self._phase,
             "steps_taken": self.steps_taken,
             "skipped_steps": self.skipped_steps,
+            "limited_steps": self.limited_steps,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
         }
         if self._phase == "warmup":
@@ -245,6 +259,7 @@ class CMDOptimizer(torch.optim.Optimizer):
             state["mode_optimizer"] = self._inner.state_dict()
             state["psi"] = torch.stack([psi.detach() for psi in self._psi]).clone()
             state["applied"] = self._applied.clone()
+            state["speed_limit"] = self.speed_limit.clone()
             state["projection"] = self._projection.state_dict()
             state["decomposition"] = self.decomposition.state_dict()
         return state
@@ -264,6 +279,7 @@ class CMDOptimizer(torch.optim.Optimizer):
             group.update(saved)
         self.steps_taken = state_dict["steps_taken"]
         self.skipped_steps = state_dict["skipped_steps"]
+        self.limited_steps = state_dict["limited_steps"]
         if phase == "warmup":
             self.base.load_state_dict(state_dict["base"])
             snapshots = state_dict["snapshots"]
@@ -280,6 +296,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         self._snapshots.release()
         self._build_mode_optimizer(state_dict["psi"])
         self._applied = state_dict["applied"].to(self._applied.device).clone()
+        self.speed_limit = state_dict["speed_limit"].to(self._applied.device).clone()
         self._inner.load_state_dict(state_dict["mode_optimizer"])
         for inner, visible in zip(self._inner.param_groups, self.param_groups):
             inner.update({key: value for key, value in visible.items() if key != "params"})

@@ -60,7 +60,18 @@ class ModeProjection:
             coefficients.append(u[offset:offset + n].view_as(p).to(p.device, torch.float32))
             modes.append(d.assignment[offset:offset + n].view_as(p).to(p.device, torch.uint8))
             offset += n
-        return cls(coefficients, modes, groups, d.num_modes, num_groups)
+        projection = cls(coefficients, modes, groups, d.num_modes, num_groups)
+        projection.mode_rms = rms.to(projection.device)
+        return projection
+
+    def warmup_speed(self, d: Decomposition, steps_per_snapshot: int) -> torch.Tensor:
+        """The fastest per-step change of each mode coefficient during the warm-up, (M,).
+
+        A reference has ``u = 1 / rms`` of its mode, so a change ``dr`` of its value is a change
+        ``dr * rms`` of the coefficient; the snapshots are ``steps_per_snapshot`` steps apart.
+        """
+        per_snapshot = d.profiles.diff(dim=1).abs().amax(dim=1).to(self.device)
+        return per_snapshot * self.mode_rms / steps_per_snapshot
 
     def project(self, grads) -> torch.Tensor:
         """Mode gradients (num_groups, M): ``sum_i u_i g_i / sum_i u_i^2`` over each group's modes."""
@@ -73,8 +84,13 @@ class ModeProjection:
 
     @torch.no_grad()
     def apply(self, params, delta: torch.Tensor) -> None:
-        """Move each parameter by ``u * delta[group, mode]``; ``delta`` is (num_groups, M)."""
+        """Move each parameter by ``u * delta[group, mode]``; ``delta`` is (num_groups, M).
+
+        A parameter without a gradient in this step is left alone, as a base optimizer would.
+        """
         for p, u, mode, group in zip(params, self.coefficients, self.modes, self.groups):
+            if p.grad is None:
+                continue
             step = u * delta[group].to(u.device)[mode.long()]
             p.add_(step.to(p.dtype))
 

@@ -1,0 +1,332 @@
+import io
+
+import pytest
+import torch
+from conftest import accuracy, mlp, train
+from torch import nn
+
+import cmd_optim.optimizer as optimizer_module
+from cmd_optim import CMDOptimizer
+from cmd_optim.projection import ModeProjection
+
+SGD = dict(lr=0.05, momentum=0.9)
+
+
+def cmd(model, **kwargs):
+    settings = dict(base=torch.optim.SGD, modes=10, warmup_steps=300, snapshot_every=10, **SGD)
+    settings.update(kwargs)
+    return CMDOptimizer(model, **settings)
+
+
+def roundtrip(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def test_digits_reduced_phase_holds_plain_sgd_accuracy(digits):
+    model = mlp()
+    train(model, torch.optim.SGD(model.parameters(), **SGD), digits, 600)
+    sgd_accuracy = accuracy(model, digits)
+
+    model = mlp()
+    optimizer = cmd(model)
+    phases = {}
+    train(model, optimizer, digits, 600, on_step=lambda s: phases.setdefault(optimizer.phase, s))
+    assert phases == {"warmup": 1, "reduced": 300}
+    assert optimizer.trainable_dims <= 10
+    assert optimizer.snapshot_bytes == 0
+    assert optimizer.decomposition is not None and optimizer.skipped_steps == 0
+    cmd_accuracy = accuracy(model, digits)
+    assert cmd_accuracy > 0.90
+    assert abs(cmd_accuracy - sgd_accuracy) <= 0.02, (cmd_accuracy, sgd_accuracy)
+
+
+def test_warmup_is_the_base_optimizer_and_the_switch_does_not_move_weights(digits):
+    reference = mlp()
+    train(reference, torch.optim.SGD(reference.parameters(), **SGD), digits, 300)
+    model = mlp()
+    optimizer = cmd(model)
+    train(model, optimizer, digits, 300)
+    assert optimizer.phase == "reduced"
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+
+
+class NaiveProjection(ModeProjection):
+    """The unsafeguarded map: raw slopes a_i, mode gradient sum_i a_i g_i with no normalisation."""
+
+    @classmethod
+    def from_decomposition(cls, d, params, groups, num_groups, max_coefficient=None):
+        coefficients, modes, offset = [], [], 0
+        for p in params:
+            coefficients.append(d.a[offset:offset + p.numel()].view_as(p).clone())
+            modes.append(d.assignment[offset:offset + p.numel()].view_as(p).to(torch.uint8))
+            offset += p.numel()
+        projection = cls(coefficients, modes, groups, d.num_modes, num_groups)
+        projection.mode_rms = torch.full((d.num_modes,), float("inf"))  # no speed limit either
+        return projection
+
+    def project(self, grads):
+        return super().project(grads) * self.direction_norms
+
+
+def test_without_the_safeguards_the_same_hyperparameters_diverge(digits, monkeypatch):
+    monkeypatch.setattr(optimizer_module, "ModeProjection", NaiveProjection)
+    model = mlp()
+    optimizer = cmd(model)
+    train(model, optimizer, digits, 400)
+    weights_finite = all(torch.isfinite(p).all() for p in model.parameters())
+    assert optimizer.skipped_steps > 0 or not weights_finite or accuracy(model, digits) < 0.5
+
+
+class NaiveProjectionWithSpeedLimit(NaiveProjection):
+    @classmethod
+    def from_decomposition(cls, *args, **kwargs):
+        projection = super().from_decomposition(*args, **kwargs)
+        projection.mode_rms = torch.ones(projection.num_modes)  # u = a: a reference has u = 1
+        return projection
+
+
+def test_the_speed_limit_alone_keeps_the_naive_map_stable(digits, monkeypatch):
+    monkeypatch.setattr(optimizer_module, "ModeProjection", NaiveProjectionWithSpeedLimit)
+    model = mlp()
+    optimizer = cmd(model)
+    train(model, optimizer, digits, 600)
+    assert optimizer.skipped_steps == 0 and optimizer.limited_steps > 100
+    assert accuracy(model, digits) > 0.9
+
+
+def test_second_model_cnn_on_mnist1d_with_adam():
+    mnist1d = pytest.importorskip("mnist1d.data")
+    args = mnist1d.get_dataset_args()
+    args.num_samples = 3000
+    data = mnist1d.make_dataset(args)
+    x = torch.tensor(data["x"], dtype=torch.float32)[:, None]
+    y = torch.tensor(data["y"])
+    x_test = torch.tensor(data["x_test"], dtype=torch.float32)[:, None]
+    y_test = torch.tensor(data["y_test"])
+    split = (x, y, x_test, y_test)
+
+    def cnn():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(1, 16, 5, padding=2), nn.ReLU(), nn.Conv1d(16, 16, 5, padding=2), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(16 * 40, 10))
+
+    model = cnn()
+    train(model, torch.optim.Adam(model.parameters(), lr=3e-3), split, 1000, batch=128)
+    adam_accuracy = accuracy(model, split)
+    model = cnn()
+    optimizer = CMDOptimizer(model, base=torch.optim.Adam, modes=10, warmup_steps=500, snapshot_every=25, lr=3e-3)
+    train(model, optimizer, split, 1000, batch=128)
+    assert optimizer.trainable_dims <= 10
+    assert optimizer.skipped_steps == 0
+    assert accuracy(model, split) >= adam_accuracy - 0.05, (accuracy(model, split), adam_accuracy)
+
+
+@pytest.mark.parametrize("stop", [150, 400])  # a checkpoint in the warm-up and one in the reduced phase
+def test_resume_from_state_dict_gives_identical_weights(digits, stop):
+    def build():
+        model = mlp(hidden=64)
+        optimizer = CMDOptimizer(model, base=torch.optim.AdamW, modes=10, warmup_steps=200, snapshot_every=10, lr=1e-3)
+        return model, optimizer
+
+    model, optimizer = build()
+    train(model, optimizer, digits, 450)
+
+    first, first_opt = build()
+    train(first, first_opt, digits, stop)
+    model_state, optimizer_state = roundtrip(first.state_dict()), roundtrip(first_opt.state_dict())
+    resumed, resumed_opt = build()
+    resumed.load_state_dict(model_state)
+    resumed_opt.load_state_dict(optimizer_state)
+    assert resumed_opt.phase == first_opt.phase
+    train(resumed, resumed_opt, digits, 450, start=stop)
+    assert resumed_opt.phase == optimizer.phase == "reduced"
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_lr_scheduler_drives_the_reduced_phase(digits):
+    model = mlp(hidden=64)
+    optimizer = cmd(model, warmup_steps=100)
+    # full learning rate until step 150, then zero: with lr = 0 nothing may move any more
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 if step < 150 else 0.0)
+    snapshots = {}
+    train(model, optimizer, digits, 170, scheduler=scheduler,
+          on_step=lambda s: snapshots.__setitem__(s, [p.detach().clone() for p in model.parameters()]))
+    assert optimizer.phase == "reduced" and len(optimizer.param_groups) == 1
+    assert any(not torch.equal(a, b) for a, b in zip(snapshots[120], snapshots[140]))
+    assert all(torch.equal(a, b) for a, b in zip(snapshots[151], snapshots[170]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(modes=0), ValueError, "modes must be an integer >= 1"),
+        (dict(base=nn.Linear), TypeError, "base must be a torch.optim.Optimizer subclass"),
+        (dict(base=42), TypeError, "base must be a torch.optim.Optimizer subclass"),
+        (dict(warmup_steps=15, snapshot_every=10), ValueError, "warm-up too short"),
+        (dict(samples=5), ValueError, "samples must be an integer >= 10"),
+        (dict(keep_free=["*"]), ValueError, "keep_free=.* matches every parameter"),
+    ],
+)
+def test_construction_errors(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        cmd(mlp(hidden=8), **kwargs)
+
+
+def test_base_factory_must_return_an_optimizer():
+    with pytest.raises(TypeError, match="base returned a str"):
+        CMDOptimizer(mlp(hidden=8), base=lambda groups: "not an optimizer")
+
+
+def test_empty_or_frozen_parameters_are_rejected():
+    with pytest.raises(ValueError, match="empty parameter list"):
+        cmd([])
+    model = mlp(hidden=8).requires_grad_(False)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        cmd(model)
+
+
+def test_frozen_parameters_are_excluded(digits):
+    model = mlp(hidden=16)
+    model[0].requires_grad_(False)
+    optimizer = cmd(model, warmup_steps=30)
+    assert optimizer.trainable_dims == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = model[0].weight.clone()
+    train(model, optimizer, digits, 40)
+    assert torch.equal(model[0].weight, frozen)
+
+
+@pytest.mark.parametrize("phase_steps", [5, 40])
+def test_non_finite_gradients_skip_the_step(digits, phase_steps):
+    model = mlp(hidden=16)
+    optimizer = cmd(model, warmup_steps=30)
+    train(model, optimizer, digits, phase_steps)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = nn.functional.cross_entropy(model(digits[0][:32]), digits[1][:32])
+    optimizer.zero_grad()
+    loss.backward()
+    model[2].weight.grad[3, 4] = float("nan")
+    taken = optimizer.steps_taken
+    optimizer.step()
+    assert optimizer.skipped_steps == 1 and optimizer.steps_taken == taken
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_tied_parameters_count_once(digits):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(64, 64, bias=False)
+            self.head = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.embed(self.embed(x))))
+
+    model = Tied()
+    optimizer = cmd([model.embed.weight, model.embed.weight, *model.head.parameters()], warmup_steps=30)
+    assert optimizer.trainable_dims == 64 * 64 + 64 * 10 + 10
+    train(model, optimizer, digits, 50)
+    assert optimizer.phase == "reduced"
+    assert sum(p.numel() for p in optimizer.param_groups[0]["params"]) == 64 * 64 + 650
+
+
+def test_parameters_without_gradient_are_left_alone(digits):
+    model = mlp(hidden=16)
+    unused = nn.Parameter(torch.randn(100))
+    optimizer = cmd([*model.parameters(), unused], warmup_steps=30)
+    before = unused.detach().clone()
+    train(model, optimizer, digits, 50)
+    assert optimizer.phase == "reduced" and torch.equal(unused, before)
+
+
+def test_keep_free_trains_the_head_in_full(digits):
+    model = mlp(hidden=32)
+    named = list(model.named_parameters())
+    optimizer = cmd(named, keep_free=["4.*"], warmup_steps=30)
+    train(model, optimizer, digits, 60)
+    head = 32 * 10 + 10
+    assert optimizer.trainable_dims <= 10 + head and optimizer.trainable_dims > head
+    before = model[4].weight.detach().clone()
+    train(model, optimizer, digits, 61, start=60)
+    assert not torch.equal(before, model[4].weight)
+
+
+@pytest.mark.parametrize("base, kwargs", [
+    (torch.optim.SGD, dict(lr=0.05)),
+    (torch.optim.Adam, dict(lr=1e-3)),
+    (torch.optim.AdamW, dict(lr=1e-3, weight_decay=0.01)),
+    (torch.optim.RMSprop, dict(lr=1e-3)),
+    (torch.optim.Adagrad, dict(lr=1e-2)),
+    (lambda groups: torch.optim.SGD(groups, lr=0.05, nesterov=True, momentum=0.9), {}),
+])
+def test_any_base_optimizer_trains_in_both_phases(digits, base, kwargs):
+    model = mlp(hidden=32)
+    optimizer = CMDOptimizer(model, base=base, modes=5, warmup_steps=300, snapshot_every=20, **kwargs)
+    train(model, optimizer, digits, 300)
+    at_switch = accuracy(model, digits)
+    train(model, optimizer, digits, 500, start=300)
+    assert optimizer.phase == "reduced" and optimizer.trainable_dims <= 5 and optimizer.skipped_steps == 0
+    assert accuracy(model, digits) >= at_switch - 0.02, (accuracy(model, digits), at_switch)
+
+
+def test_closure_with_lbfgs(digits):
+    model = mlp(hidden=16)
+    optimizer = CMDOptimizer(model, base=torch.optim.LBFGS, modes=4, warmup_steps=3, snapshot_every=1, lr=1,
+                             max_iter=5, line_search_fn="strong_wolfe")
+    x, y = digits[0], digits[1]
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    losses = [float(optimizer.step(closure)) for _ in range(8)]
+    assert optimizer.phase == "reduced"
+    assert losses[-1] < losses[3]  # the reduced phase keeps lowering the loss
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_parameters(digits, dtype):
+    model = mlp(hidden=32).to(dtype)
+    optimizer = CMDOptimizer(model, base=torch.optim.SGD, warmup_steps=30, lr=0.05)
+    data = (digits[0].to(dtype), digits[1], digits[2].to(dtype), digits[3])
+    train(model, optimizer, data, 60)
+    assert optimizer.phase == "reduced"
+    assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_compiled_model(digits):
+    model = mlp(hidden=16)
+    compiled = torch.compile(model, backend="eager")
+    optimizer = cmd(compiled, warmup_steps=30)
+    train(compiled, optimizer, digits, 40)
+    assert optimizer.phase == "reduced" and optimizer.trainable_dims <= 10
+
+
+def test_reduced_state_is_five_bytes_per_parameter(digits):
+    model = mlp(hidden=32)
+    optimizer = cmd(model, warmup_steps=30)
+    train(model, optimizer, digits, 31)
+    state = optimizer.state_dict()["projection"]
+    per_parameter = sum(t.numel() * t.element_size() for t in state["coefficients"] + state["modes"])
+    assert per_parameter == 5 * sum(p.numel() for p in model.parameters())
+
+
+def test_load_state_dict_rejects_foreign_state():
+    optimizer = cmd(mlp(hidden=8))
+    with pytest.raises(ValueError, match="not a CMDOptimizer state_dict"):
+        optimizer.load_state_dict(torch.optim.SGD(mlp(hidden=8).parameters(), lr=0.1).state_dict())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_matches_accuracy(digits):
+    cuda = tuple(t.cuda() for t in digits)
+    model = mlp().cuda()
+    optimizer = cmd(model)
+    train(model, optimizer, cuda, 600)
+    assert optimizer.phase == "reduced" and accuracy(model, cuda) > 0.9
