@@ -122,6 +122,16 @@ class CMDOptimizer(torch.optim.Optimizer):
         """Memory held by the warm-up snapshots now (0 after the switch)."""
         return self._snapshots.nbytes
 
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state used by ``step()`` now: warm-up, the base optimizer's state and the
+        snapshots; reduced phase, the projection (5 bytes per parameter) and the mode optimizer's state.
+        The Decomposition kept for inspection (``self.decomposition``) is not counted."""
+        if self._phase == "warmup":
+            return _tensor_bytes(self.base.state) + self.snapshot_bytes
+        projection = self._projection.coefficients + self._projection.modes
+        return _tensor_bytes(projection) + _tensor_bytes(self._inner.state)
+
     def add_param_group(self, param_group: dict) -> None:
         if self._constructed:
             raise NotImplementedError("CMDOptimizer cannot take new parameter groups after construction")
@@ -368,6 +378,17 @@ def _replaying(loss, closure):
         return pending.pop() if pending else closure()
 
     return replay
+
+
+def _tensor_bytes(tree) -> int:
+    """Total bytes of the tensors in nested dicts, lists and tuples."""
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
 
 
 def _all_finite(tensors) -> bool:
