@@ -42,8 +42,8 @@ class ModeProjection:
         for u, mode, group in zip(self.coefficients, self.modes, self.groups):
             norms[group] += torch.zeros(num_modes, dtype=torch.float64).index_add_(
                 0, mode.reshape(-1).long().cpu(), u.reshape(-1).double().square().cpu())
-        self.direction_norms = norms.float()
-        self.active = norms > 0  # (group, mode) pairs that move some parameter
+        self.active = norms > 0
+        self.direction_norms = norms.float().clamp_min(torch.finfo(torch.float32).tiny).to(self.device)  # (group, mode) pairs that move some parameter
 
     @classmethod
     def from_decomposition(cls, d: Decomposition, params, groups, num_groups, max_coefficient=MAX_COEFFICIENT):
@@ -80,7 +80,7 @@ class ModeProjection:
             if g is None:
                 continue
             out[group].index_add_(0, mode.reshape(-1).long(), (u * g).reshape(-1))
-        return out / self.direction_norms.to(out.device).clamp_min(torch.finfo(out.dtype).tiny)
+        return out / self.direction_norms
 
     @torch.no_grad()
     def apply(self, params, delta: torch.Tensor) -> None:
