@@ -11,12 +11,21 @@ Per parameter the map stores ``u`` (float32) and the mode (uint8): 5 bytes.
 """
 from __future__ import annotations
 
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from .decomposition import Decomposition
 
 #: Largest |u| (slopes relative to their mode's RMS slope) a parameter may keep.
 MAX_COEFFICIENT = 10.0
+#: Elements per slice in ``project`` and ``apply`` (each worker thread has 2 scratch buffers of this size, 2 MiB).
+CHUNK = 1 << 18
+#: Below this many slices (1M elements) one thread does the work: handing out costs more.
+PARALLEL_SLICES = 4
+#: Interleaved copies of the mode histogram in ``project`` on the CPU.
+LANES = 8
 
 
 class ModeProjection:
@@ -42,8 +51,17 @@ class ModeProjection:
         for u, mode, group in zip(self.coefficients, self.modes, self.groups):
             norms[group] += torch.zeros(num_modes, dtype=torch.float64).index_add_(
                 0, mode.reshape(-1).long().cpu(), u.reshape(-1).double().square().cpu())
-        self.active = norms > 0
-        self.direction_norms = norms.float().clamp_min(torch.finfo(torch.float32).tiny).to(self.device)  # (group, mode) pairs that move some parameter
+        self.active = norms > 0  # (group, mode) pairs that move some parameter
+        self.direction_norms = norms.float().clamp_min(torch.finfo(torch.float32).tiny).to(self.device)
+        self._flat_coefficients = [u.view(-1) for u in self.coefficients]
+        self._flat_modes = [mode.view(-1) for mode in self.modes]
+        self._slices = [(tensor, start, min(start + CHUNK, u.numel()))
+                        for tensor, u in enumerate(self._flat_coefficients) for start in range(0, u.numel(), CHUNK)]
+        # Serial kernels (the histogram, the gather) share the CPU cores through a thread pool; on an
+        # accelerator one thread queues everything.
+        parallel = self.device.type == "cpu" and len(self._slices) >= PARALLEL_SLICES
+        self._workers = max(1, min(torch.get_num_threads(), len(self._slices))) if parallel else 1
+        self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     @classmethod
     def from_decomposition(cls, d: Decomposition, params, groups, num_groups, max_coefficient=MAX_COEFFICIENT):
@@ -75,24 +93,70 @@ class ModeProjection:
 
     def project(self, grads) -> torch.Tensor:
         """Mode gradients (num_groups, M): ``sum_i u_i g_i / sum_i u_i^2`` over each group's modes."""
-        out = torch.zeros(self.num_groups, self.num_modes, device=self.device)
-        for u, mode, group, g in zip(self.coefficients, self.modes, self.groups, grads):
-            if g is None:
-                continue
-            out[group].index_add_(0, mode.reshape(-1).long(), (u * g).reshape(-1))
-        return out / self.direction_norms
+        grads = [None if g is None else g.reshape(-1) for g in grads]
 
-    @torch.no_grad()
+        def work(worker: int) -> torch.Tensor:
+            out = torch.zeros(self.num_groups, self.num_modes, dtype=torch.float64, device=self.device)
+            values, index = self._scratch(worker)
+            for tensor, start, end in self._slices[worker::self._workers]:
+                if grads[tensor] is None:
+                    continue
+                u, mode = self._flat_coefficients[tensor][start:end], self._flat_modes[tensor][start:end]
+                product = torch.mul(u, grads[tensor][start:end], out=values[: end - start])
+                out[self.groups[tensor]] += self._sum_by_mode(product, mode, index)
+            return out
+
+        return sum(self._run(work)).float() / self.direction_norms
+
     def apply(self, params, delta: torch.Tensor) -> None:
         """Move each parameter by ``u * delta[group, mode]``; ``delta`` is (num_groups, M).
 
         A parameter without a gradient in this step is left alone, as a base optimizer would.
         """
-        for p, u, mode, group in zip(params, self.coefficients, self.modes, self.groups):
-            if p.grad is None:
-                continue
-            step = u * delta[group].to(u.device)[mode.long()]
-            p.add_(step.to(p.dtype))
+        delta = delta.to(self.device, torch.float32)
+        flat = [p.view(-1) if p.grad is not None else None for p in params]
+
+        def work(worker: int) -> None:
+            values, index = self._scratch(worker)
+            for tensor, start, end in self._slices[worker::self._workers]:
+                if flat[tensor] is None:
+                    continue
+                modes = index[: end - start].copy_(self._flat_modes[tensor][start:end])
+                step = torch.index_select(delta[self.groups[tensor]], 0, modes, out=values[: end - start])
+                flat[tensor][start:end].addcmul_(step, self._flat_coefficients[tensor][start:end])
+
+        self._run(work)
+
+    def _sum_by_mode(self, values: torch.Tensor, mode: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """(M,) float64 sums of ``values`` per mode; ``index`` is int32 scratch space.
+
+        On the CPU, a histogram (``bincount``) over ``LANES`` interleaved copies of the M bins, so that
+        runs of one mode (whole rows usually share one) do not serialise on a single bin. On an
+        accelerator ``bincount`` would synchronise with the host, so atomics are used instead.
+        """
+        if values.device.type != "cpu":
+            return torch.zeros(self.num_modes, dtype=torch.float64, device=values.device).index_add_(
+                0, mode.int(), values.double())
+        bins = torch.add(_lanes()[: len(mode)], mode, alpha=LANES, out=index[: len(mode)])
+        return torch.bincount(bins, weights=values, minlength=self.num_modes * LANES).view(-1, LANES).sum(1)
+
+    def _scratch(self, worker: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-worker float32 and int32 buffers of ``CHUNK`` elements, made on first use."""
+        while len(self._buffers) <= worker:
+            self._buffers.append((torch.empty(CHUNK, device=self.device),
+                                  torch.empty(CHUNK, dtype=torch.int32, device=self.device)))
+        return self._buffers[worker]
+
+    def _run(self, work) -> list:
+        """``work(worker)`` for every worker; each owns the slices ``worker::workers``, so the result
+        does not depend on thread timing."""
+        def no_grad_work(worker: int):
+            with torch.no_grad():  # grad mode is thread-local
+                return work(worker)
+
+        if self._workers == 1:
+            return [no_grad_work(0)]
+        return list(_pool(self._workers).map(no_grad_work, range(self._workers)))
 
     @property
     def device(self) -> torch.device:
@@ -107,3 +171,15 @@ class ModeProjection:
         coefficients = [u.to(p.device) for u, p in zip(state["coefficients"], params)]
         modes = [m.to(p.device) for m, p in zip(state["modes"], params)]
         return cls(coefficients, modes, state["groups"], state["num_modes"], state["num_groups"])
+
+
+@functools.lru_cache(maxsize=None)
+def _lanes() -> torch.Tensor:
+    """int32 ``[0, 1, ..., LANES - 1, 0, 1, ...]`` of length ``CHUNK`` (CPU)."""
+    return torch.arange(CHUNK, dtype=torch.int32) % LANES
+
+
+@functools.lru_cache(maxsize=None)
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A process-wide pool; torch kernels release the GIL, so the workers run in parallel."""
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmd-optim")
