@@ -8,10 +8,12 @@ import torch
 from torch import nn
 
 from .decomposition import Decomposition, decompose
+from .embedding import GradualEmbedding
 from .projection import MAX_COEFFICIENT, ModeProjection
 from .snapshots import SnapshotBuffer
 
 _PHASES = ("warmup", "reduced")
+_EMBED = ("all", "gradual")
 
 
 class CMDOptimizer(torch.optim.Optimizer):
@@ -32,6 +34,11 @@ class CMDOptimizer(torch.optim.Optimizer):
         snapshot_device, snapshot_dtype: where and how the warm-up snapshots are kept. They take
             ``(warmup_steps // snapshot_every + 1) * N * itemsize`` bytes, freed at the switch.
         max_coefficient: the largest |a_i| a parameter keeps, relative to its mode's RMS slope.
+        embed: ``"all"`` (after the warm-up only the mode coefficients train) or ``"gradual"`` (the
+            paper's embedded CMD: the base optimizer keeps training, and every ``embed_every`` snapshots
+            the ``embed_fraction`` of the remaining parameters whose fit drifted least are tied to their
+            mode's reference; see :class:`cmd_optim.embedding.GradualEmbedding`).
+        embed_every, embed_fraction: L and P of ``embed="gradual"``.
         **base_kwargs: passed to ``base`` (``lr``, ``momentum``, ``betas``, ...).
 
     After the switch, mode ``m`` of parameter group ``g`` has one coefficient ``psi[g, m]``. Its
@@ -39,6 +46,8 @@ class CMDOptimizer(torch.optim.Optimizer):
     least-squares projection of the full gradient onto the mode's direction), the base optimizer steps
     on ``psi`` with the hyperparameters read from ``param_groups`` at every step, and every member moves
     by ``u_i`` times its coefficient's change. See docs/optimizer.md for the safeguards and the state.
+    With ``embed="gradual"`` the base optimizer stays in charge and the embedded parameters are moved
+    onto their modes after each of its steps.
     """
 
     def __init__(
@@ -54,6 +63,9 @@ class CMDOptimizer(torch.optim.Optimizer):
         snapshot_device: torch.device | str = "cpu",
         snapshot_dtype: torch.dtype = torch.float32,
         max_coefficient: float = MAX_COEFFICIENT,
+        embed: str = "all",
+        embed_every: int = 2,
+        embed_fraction: float = 0.1,
         **base_kwargs,
     ) -> None:
         for name, value, low in (("modes", modes, 1), ("warmup_steps", warmup_steps, 1),
@@ -62,6 +74,12 @@ class CMDOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if modes > 256:
             raise ValueError(f"modes must be at most 256, got {modes}")
+        if embed not in _EMBED:
+            raise ValueError(f"embed must be one of {_EMBED}, got {embed!r}")
+        if isinstance(embed_every, bool) or not isinstance(embed_every, int) or embed_every < 1:
+            raise ValueError(f"embed_every must be an integer >= 1, got {embed_every!r}")
+        if not 0 < embed_fraction <= 1:
+            raise ValueError(f"embed_fraction must be in (0, 1], got {embed_fraction!r}")
         num_snapshots = warmup_steps // snapshot_every + 1
         if num_snapshots < 3:
             raise ValueError(
@@ -81,6 +99,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         self.modes, self.samples, self.seed = modes, samples, seed
         self.warmup_steps, self.snapshot_every = warmup_steps, snapshot_every
         self.max_coefficient = max_coefficient
+        self.embed, self.embed_every, self.embed_fraction = embed, embed_every, embed_fraction
         self._tracked, self._tracked_groups, self._free = [], [], []
         for index, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -102,6 +121,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         self._applied: torch.Tensor | None = None
         self.speed_limit: torch.Tensor | None = None
         self.limited_steps = 0
+        self.embedding: GradualEmbedding | None = None
 
     # ------------------------------------------------------------------ public view
     @property
@@ -115,6 +135,8 @@ class CMDOptimizer(torch.optim.Optimizer):
         free = sum(p.numel() for p in self._free)
         if self._phase == "warmup":
             return free + sum(p.numel() for p in self._tracked)
+        if self.embedding is not None:
+            return free + self.embedding.decomposition.num_params - self.embedding.num_embedded
         return free + int(self._projection.active.sum())
 
     @property
@@ -125,10 +147,14 @@ class CMDOptimizer(torch.optim.Optimizer):
     @property
     def state_bytes(self) -> int:
         """Bytes of optimizer state used by ``step()`` now: warm-up, the base optimizer's state and the
-        snapshots; reduced phase, the projection (5 bytes per parameter) and the mode optimizer's state.
-        The Decomposition kept for inspection (``self.decomposition``) is not counted."""
+        snapshots; reduced phase, the projection (5 bytes per parameter) and the mode optimizer's state,
+        or with ``embed="gradual"`` the base optimizer's state, the Decomposition and the embedding.
+        With ``embed="all"`` the Decomposition kept for inspection (``self.decomposition``) is not counted."""
         if self._phase == "warmup":
             return _tensor_bytes(self.base.state) + self.snapshot_bytes
+        if self.embedding is not None:
+            return (_tensor_bytes(self.base.state) + _tensor_bytes(self.decomposition.state_dict())
+                    + _tensor_bytes(self.embedding.state_dict()))
         projection = self._projection.coefficients + self._projection.modes
         return _tensor_bytes(projection) + _tensor_bytes(self._inner.state)
 
@@ -144,18 +170,24 @@ class CMDOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._phase == "warmup":
-            return self._warmup_step(loss, closure)
+        if self.base is not None:
+            return self._base_step(loss, closure)
         return self._reduced_step(loss, closure)
 
-    def _warmup_step(self, loss, closure):
+    def _base_step(self, loss, closure):
+        """A step of the base optimizer: the warm-up, or the reduced phase of ``embed="gradual"``."""
         if not _all_finite(p.grad for group in self.param_groups for p in group["params"]):
             self.skipped_steps += 1
             return loss
         self.base.step(_replaying(loss, closure))
+        if self.embedding is not None:
+            self.embedding.follow()
         self.steps_taken += 1
         if self.steps_taken % self.snapshot_every == 0:
-            self._snapshots.record()
+            if self.embedding is not None:
+                self.embedding.observe()
+            else:
+                self._snapshots.record()
         if self.steps_taken == self.warmup_steps:
             self._switch()
         return loss
@@ -213,6 +245,10 @@ class CMDOptimizer(torch.optim.Optimizer):
             layer_sizes=self._snapshots.sizes,
         )
         self._snapshots.release()
+        self._phase = "reduced"
+        if self.embed == "gradual":
+            self.embedding = GradualEmbedding(self.decomposition, self._tracked, self.embed_every, self.embed_fraction)
+            return
         self._projection = ModeProjection.from_decomposition(
             self.decomposition, self._tracked, self._tracked_groups, len(self.param_groups), self.max_coefficient
         )
@@ -227,7 +263,6 @@ class CMDOptimizer(torch.optim.Optimizer):
             for psi, buffer in zip(self._psi, momentum):
                 self._inner.state[psi]["momentum_buffer"] = buffer.clone()
         self.base = None  # the full-size state (momentum, second moments) is freed here
-        self._phase = "reduced"
 
     def _projected_momentum(self) -> torch.Tensor | None:
         """SGD's momentum buffers, projected like gradients; None where the base keeps no such buffer."""
@@ -257,6 +292,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         """
         state = {
             "phase": self._phase,
+            "embed": self.embed,
             "steps_taken": self.steps_taken,
             "skipped_steps": self.skipped_steps,
             "limited_steps": self.limited_steps,
@@ -265,6 +301,10 @@ class CMDOptimizer(torch.optim.Optimizer):
         if self._phase == "warmup":
             state["base"] = self.base.state_dict()
             state["snapshots"] = self._snapshots.trajectory().clone()
+        elif self.embedding is not None:
+            state["base"] = self.base.state_dict()
+            state["decomposition"] = self.decomposition.state_dict()
+            state["embedding"] = self.embedding.state_dict()
         else:
             state["mode_optimizer"] = self._inner.state_dict()
             state["psi"] = torch.stack([psi.detach() for psi in self._psi]).clone()
@@ -285,6 +325,8 @@ class CMDOptimizer(torch.optim.Optimizer):
             )
         if self._phase != "warmup":
             raise RuntimeError("load_state_dict needs a CMDOptimizer still in its warm-up (a freshly built one)")
+        if state_dict.get("embed", "all") != self.embed:
+            raise ValueError(f"state_dict was saved with embed={state_dict['embed']!r}, this optimizer has embed={self.embed!r}")
         for group, saved in zip(self.param_groups, saved_groups):
             group.update(saved)
         self.steps_taken = state_dict["steps_taken"]
@@ -302,8 +344,14 @@ class CMDOptimizer(torch.optim.Optimizer):
             self._snapshots.count = len(snapshots)
             return
         self.decomposition = Decomposition.from_state_dict(state_dict["decomposition"])
-        self._projection = ModeProjection.from_state_dict(state_dict["projection"], self._tracked)
         self._snapshots.release()
+        self._phase = "reduced"
+        if "embedding" in state_dict:
+            self.base.load_state_dict(state_dict["base"])
+            self.embedding = GradualEmbedding(self.decomposition, self._tracked, self.embed_every, self.embed_fraction)
+            self.embedding.load_state_dict(state_dict["embedding"])
+            return
+        self._projection = ModeProjection.from_state_dict(state_dict["projection"], self._tracked)
         self._build_mode_optimizer(state_dict["psi"])
         self._applied = state_dict["applied"].to(self._applied.device).clone()
         self.speed_limit = state_dict["speed_limit"].to(self._applied.device).clone()
@@ -311,7 +359,6 @@ class CMDOptimizer(torch.optim.Optimizer):
         for inner, visible in zip(self._inner.param_groups, self.param_groups):
             inner.update({key: value for key, value in visible.items() if key != "params"})
         self.base = None
-        self._phase = "reduced"
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
@@ -319,8 +366,8 @@ class CMDOptimizer(torch.optim.Optimizer):
             psi.grad = None
 
     def __repr__(self) -> str:
-        inner = self.base if self._phase == "warmup" else self._inner
-        return (f"CMDOptimizer(phase={self._phase!r}, modes={self.modes}, warmup_steps={self.warmup_steps}, "
+        inner = self.base if self.base is not None else self._inner
+        return (f"CMDOptimizer(phase={self._phase!r}, embed={self.embed!r}, modes={self.modes}, warmup_steps={self.warmup_steps}, "
                 f"trainable_dims={self.trainable_dims}, base={type(inner).__name__})")
 
 

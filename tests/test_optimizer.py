@@ -125,11 +125,13 @@ def test_second_model_cnn_on_mnist1d_with_adam():
     assert accuracy(model, split) >= adam_accuracy - 0.05, (accuracy(model, split), adam_accuracy)
 
 
+@pytest.mark.parametrize("embed", ["all", "gradual"])
 @pytest.mark.parametrize("stop", [150, 400])  # a checkpoint in the warm-up and one in the reduced phase
-def test_resume_from_state_dict_gives_identical_weights(digits, stop):
+def test_resume_from_state_dict_gives_identical_weights(digits, stop, embed):
     def build():
         model = mlp(hidden=64)
-        optimizer = CMDOptimizer(model, base=torch.optim.AdamW, modes=10, warmup_steps=200, snapshot_every=10, lr=1e-3)
+        optimizer = CMDOptimizer(model, base=torch.optim.AdamW, modes=10, warmup_steps=200, snapshot_every=10,
+                                 embed=embed, lr=1e-3)
         return model, optimizer
 
     model, optimizer = build()
@@ -170,6 +172,9 @@ def test_lr_scheduler_drives_the_reduced_phase(digits):
         (dict(warmup_steps=15, snapshot_every=10), ValueError, "warm-up too short"),
         (dict(samples=5), ValueError, "samples must be an integer >= 10"),
         (dict(keep_free=["*"]), ValueError, "keep_free=.* matches every parameter"),
+        (dict(embed="some"), ValueError, "embed must be one of"),
+        (dict(embed="gradual", embed_every=0), ValueError, "embed_every must be an integer >= 1"),
+        (dict(embed="gradual", embed_fraction=1.5), ValueError, "embed_fraction must be in"),
     ],
 )
 def test_construction_errors(kwargs, error, message):
@@ -285,7 +290,7 @@ def test_closure_with_lbfgs(digits):
         loss.backward()
         return loss
 
-    losses = [float(optimizer.step(closure)) for _ in range(8)]
+    losses = [float(optimizer.step(closure).detach()) for _ in range(8)]
     assert optimizer.phase == "reduced"
     assert losses[-1] < losses[3]  # the reduced phase keeps lowering the loss
 
@@ -330,3 +335,37 @@ def test_cuda_training_matches_accuracy(digits):
     optimizer = cmd(model)
     train(model, optimizer, cuda, 600)
     assert optimizer.phase == "reduced" and accuracy(model, cuda) > 0.9
+
+
+def test_gradual_embedding_trains_like_sgd_with_fewer_parameters_each_round(digits):
+    model = mlp()
+    train(model, torch.optim.SGD(model.parameters(), **SGD), digits, 600)
+    sgd_accuracy = accuracy(model, digits)
+
+    model = mlp()
+    optimizer = cmd(model, embed="gradual", embed_every=2, embed_fraction=0.2)
+    total = sum(p.numel() for p in model.parameters())
+    dims = {}
+    train(model, optimizer, digits, 600, on_step=lambda s: dims.__setitem__(s, optimizer.trainable_dims))
+    assert optimizer.phase == "reduced" and optimizer.embedding.rounds == 15
+    assert dims[300] == total  # nothing embedded at the switch itself
+    # each round embeds 20% of what remains trainable (references never are)
+    rounds = [dims[s] for s in range(320, 601, 20)]
+    assert all(later < earlier for earlier, later in zip([total, *rounds], rounds))
+    assert rounds[-1] < 0.05 * total + optimizer.decomposition.num_modes
+    assert not optimizer.embedding.embedded[optimizer.decomposition.references].any()
+    # embedded parameters sit exactly on their frozen line through the references' current values
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    e, d = optimizer.embedding, optimizer.decomposition
+    line = e.frozen_a * flat[d.references][d.assignment] + e.frozen_b
+    torch.testing.assert_close(flat[e.embedded], line[e.embedded])
+    cmd_accuracy = accuracy(model, digits)
+    assert cmd_accuracy > 0.90 and abs(cmd_accuracy - sgd_accuracy) <= 0.02, (cmd_accuracy, sgd_accuracy)
+
+
+def test_gradual_embedding_state_is_rejected_by_an_all_modes_optimizer(digits):
+    model = mlp(hidden=32)
+    optimizer = cmd(model, warmup_steps=20, snapshot_every=5, embed="gradual")
+    train(model, optimizer, digits, 30)
+    with pytest.raises(ValueError, match="saved with embed='gradual'"):
+        cmd(mlp(hidden=32), warmup_steps=20, snapshot_every=5).load_state_dict(roundtrip(optimizer.state_dict()))
