@@ -110,7 +110,14 @@ class CMDOptimizer(torch.optim.Optimizer):
                     self._tracked_groups.append(index)
         if not self._tracked:
             raise ValueError(f"keep_free={patterns} matches every parameter: nothing is left to decompose")
-        self._snapshots = SnapshotBuffer(self._tracked, num_snapshots, snapshot_device, snapshot_dtype)
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names.values()):
+                raise ValueError(
+                    f"keep_free pattern {pattern!r} matches no parameter name (names look like "
+                    f"{next(iter(names.values()))!r}); pass the model or named parameters to name them"
+                )
+        self._snapshot_spec = (num_snapshots, snapshot_device, snapshot_dtype)
+        self._snapshots = SnapshotBuffer(self._tracked, *self._snapshot_spec)
         self._snapshots.record()
         self._phase = "warmup"
         self.steps_taken = 0
@@ -122,6 +129,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         self.speed_limit: torch.Tensor | None = None
         self.limited_steps = 0
         self.embedding: GradualEmbedding | None = None
+        self.switch_report: dict | None = None
 
     # ------------------------------------------------------------------ public view
     @property
@@ -240,10 +248,15 @@ class CMDOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ the switch
     def _switch(self) -> None:
-        self.decomposition = decompose(
-            self._snapshots.trajectory(), modes=self.modes, samples=self.samples, seed=self.seed,
-            layer_sizes=self._snapshots.sizes,
+        trajectory = self._snapshots.trajectory()
+        d = self.decomposition = decompose(
+            trajectory, modes=self.modes, samples=self.samples, seed=self.seed, layer_sizes=self._snapshots.sizes,
         )
+        self.switch_report = {
+            "step": self.steps_taken, "modes": d.num_modes, "decomposed_params": d.num_params,
+            "snapshots": d.num_snapshots, "relative_error": float(d.relative_error(trajectory).mean()),
+            "explained_variance": d.explained_variance(trajectory),
+        }
         self._snapshots.release()
         self._phase = "reduced"
         if self.embed == "gradual":
@@ -296,6 +309,7 @@ class CMDOptimizer(torch.optim.Optimizer):
             "steps_taken": self.steps_taken,
             "skipped_steps": self.skipped_steps,
             "limited_steps": self.limited_steps,
+            "switch_report": self.switch_report,
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups],
         }
         if self._phase == "warmup":
@@ -323,15 +337,16 @@ class CMDOptimizer(torch.optim.Optimizer):
             raise ValueError(
                 f"state_dict has {len(saved_groups)} parameter groups, this optimizer has {len(self.param_groups)}"
             )
-        if self._phase != "warmup":
-            raise RuntimeError("load_state_dict needs a CMDOptimizer still in its warm-up (a freshly built one)")
         if state_dict.get("embed", "all") != self.embed:
             raise ValueError(f"state_dict was saved with embed={state_dict['embed']!r}, this optimizer has embed={self.embed!r}")
+        if self._phase != "warmup":
+            self._restart_warmup()
         for group, saved in zip(self.param_groups, saved_groups):
             group.update(saved)
         self.steps_taken = state_dict["steps_taken"]
         self.skipped_steps = state_dict["skipped_steps"]
         self.limited_steps = state_dict["limited_steps"]
+        self.switch_report = state_dict.get("switch_report")
         if phase == "warmup":
             self.base.load_state_dict(state_dict["base"])
             snapshots = state_dict["snapshots"]
@@ -359,6 +374,17 @@ class CMDOptimizer(torch.optim.Optimizer):
         for inner, visible in zip(self._inner.param_groups, self.param_groups):
             inner.update({key: value for key, value in visible.items() if key != "params"})
         self.base = None
+
+    def _restart_warmup(self) -> None:
+        """Back to the condition of a freshly built optimizer, so that any state_dict can be loaded."""
+        if self.base is None:
+            self.base = self._base_factory([dict(group) for group in self.param_groups])
+            self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        self._snapshots = SnapshotBuffer(self._tracked, *self._snapshot_spec)
+        self._phase = "warmup"
+        self.decomposition = self._projection = self.speed_limit = self.embedding = None
+        self._psi = []
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)

@@ -369,3 +369,58 @@ def test_gradual_embedding_state_is_rejected_by_an_all_modes_optimizer(digits):
     train(model, optimizer, digits, 30)
     with pytest.raises(ValueError, match="saved with embed='gradual'"):
         cmd(mlp(hidden=32), warmup_steps=20, snapshot_every=5).load_state_dict(roundtrip(optimizer.state_dict()))
+
+
+@pytest.mark.parametrize("embed", ["all", "gradual"])
+def test_state_dict_round_trip_in_place_at_any_phase(digits, embed):
+    """accelerate's prepare() round-trips the state_dict through the same optimizer, at any phase."""
+    def run(round_trip_at):
+        model = mlp(hidden=32)
+        optimizer = cmd(model, warmup_steps=60, snapshot_every=10, embed=embed)
+        saved = {}
+        for stop in (40, 90):  # in the warm-up, then after the switch
+            train(model, optimizer, digits, stop, start=saved.get("start", 0))
+            saved["start"] = stop
+            if stop in round_trip_at:
+                optimizer.load_state_dict(roundtrip(optimizer.state_dict()))
+        train(model, optimizer, digits, 130, start=90)
+        return model, optimizer
+
+    plain, _ = run(())
+    tripped, optimizer = run((40, 90))
+    assert optimizer.phase == "reduced" and optimizer.switch_report["step"] == 60
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), tripped.parameters()))
+
+
+def test_warmup_state_loads_into_an_optimizer_past_its_switch(digits):
+    model, other = mlp(hidden=32), mlp(hidden=32)
+    optimizer, late = cmd(model, warmup_steps=60, snapshot_every=10), cmd(other, warmup_steps=60, snapshot_every=10)
+    train(model, optimizer, digits, 30)
+    train(other, late, digits, 80)
+    assert late.phase == "reduced"
+    other.load_state_dict(model.state_dict())
+    late.load_state_dict(roundtrip(optimizer.state_dict()))
+    assert late.phase == "warmup" and late.steps_taken == 30
+    train(model, optimizer, digits, 100, start=30)
+    train(other, late, digits, 100, start=30)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), other.parameters()))
+
+
+def test_switch_report_measures_the_decomposition(digits):
+    model = mlp(hidden=32)
+    optimizer = cmd(model, warmup_steps=100, snapshot_every=10)
+    flat = lambda: torch.cat([p.detach().reshape(-1) for p in model.parameters()])  # noqa: E731
+    trajectory = [flat()]
+    train(model, optimizer, digits, 100, on_step=lambda s: s % 10 or trajectory.append(flat()))
+    report, d = optimizer.switch_report, optimizer.decomposition
+    assert report["modes"] == d.num_modes and report["snapshots"] == len(trajectory) == 11
+    assert report["decomposed_params"] == sum(p.numel() for p in model.parameters())
+    trajectory = torch.stack(trajectory)
+    assert report["relative_error"] == pytest.approx(float(d.relative_error(trajectory).mean()), rel=1e-5)
+    assert report["explained_variance"] == pytest.approx(d.explained_variance(trajectory), rel=1e-5)
+    assert 0 < report["relative_error"] < 0.2 and 0.5 < report["explained_variance"] <= 1
+
+
+def test_keep_free_pattern_that_matches_nothing_is_an_error():
+    with pytest.raises(ValueError, match="keep_free pattern 'classifier.\\*' matches no parameter name"):
+        cmd(mlp(hidden=8), keep_free=["classifier.*"])
