@@ -7,6 +7,7 @@ import time
 import torch
 from torch import nn
 
+from . import datasets
 from .optimizer import CMDOptimizer, _tensor_bytes
 
 BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)), "adamw": (torch.optim.AdamW, dict(lr=1e-3))}
@@ -18,19 +19,6 @@ def _progress(total: int, label: str):
     except ImportError:  # tqdm is optional: fall back to nothing
         return None
     return tqdm(total=total, desc=label, leave=False)
-
-
-def _digits(seed: int):
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as error:
-        raise SystemExit("the demo needs scikit-learn: pip install 'cmd-optim[dev]'") from error
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
-    return x_train, y_train, x_test, y_test
 
 
 def _run(name, make_optimizer, data, steps, seed):
@@ -71,7 +59,7 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     base, kwargs = BASES[args.base]
-    data = _digits(args.seed)
+    data = datasets.digits(args.seed)
     rows = [
         _run(f"{base.__name__}", lambda m: base(m.parameters(), **kwargs), data, args.steps, args.seed),
         _run(f"CMD({base.__name__})", lambda m: CMDOptimizer(m, base=base, modes=args.modes,

@@ -1,18 +1,14 @@
 import pytest
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
+
+from cmd_optim import datasets
 
 
 @pytest.fixture(scope="session")
 def digits():
     """scikit-learn's bundled digits: (x_train, y_train, x_test, y_test), pixels scaled to [0, 1]."""
-    data = load_digits()
-    x = torch.tensor(data.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(data.target)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=0, stratify=y)
-    return x_train, y_train, x_test, y_test
+    return datasets.digits(seed=0)
 
 
 def mlp(seed=0, hidden=256):

@@ -6,7 +6,7 @@ from conftest import accuracy, mlp, train
 from torch import nn
 
 import cmd_optim.optimizer as optimizer_module
-from cmd_optim import CMDOptimizer
+from cmd_optim import CMDOptimizer, datasets
 from cmd_optim.projection import ModeProjection
 
 SGD = dict(lr=0.05, momentum=0.9)
@@ -99,15 +99,8 @@ def test_the_speed_limit_alone_keeps_the_naive_map_stable(digits, monkeypatch):
 
 
 def test_second_model_cnn_on_mnist1d_with_adam():
-    mnist1d = pytest.importorskip("mnist1d.data")
-    args = mnist1d.get_dataset_args()
-    args.num_samples = 3000
-    data = mnist1d.make_dataset(args)
-    x = torch.tensor(data["x"], dtype=torch.float32)[:, None]
-    y = torch.tensor(data["y"])
-    x_test = torch.tensor(data["x_test"], dtype=torch.float32)[:, None]
-    y_test = torch.tensor(data["y_test"])
-    split = (x, y, x_test, y_test)
+    pytest.importorskip("mnist1d")
+    split = datasets.mnist1d(num_samples=3000, seed=42)
 
     def cnn():
         torch.manual_seed(0)
