@@ -17,8 +17,7 @@ import time
 import torch
 from torch import nn
 
-from cmd_optim import CMDOptimizer
-from cmd_optim.optimizer import _tensor_bytes
+from cmd_optim import CMDOptimizer, optimizer_state_bytes
 
 from .report import machine, write_section
 
@@ -85,8 +84,7 @@ def measure(shapes, repeats: int) -> tuple[int, list[tuple[str, float, float, fl
     rows = []
     for name, (optimizer, times) in runs.items():
         seconds = statistics.median(times)
-        state = (optimizer.state_bytes if isinstance(optimizer, CMDOptimizer)
-                 else _tensor_bytes(optimizer.state_dict()["state"]))
+        state = optimizer_state_bytes(optimizer)
         rows.append((name, seconds, seconds / adamw, state / num_params))
     return num_params, rows
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import datasets
-from .optimizer import CMDOptimizer, _tensor_bytes
+from .optimizer import CMDOptimizer, optimizer_state_bytes
 
 BASES = {"sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)), "adamw": (torch.optim.AdamW, dict(lr=1e-3))}
 
@@ -43,11 +43,8 @@ def _run(name, make_optimizer, data, steps, seed):
         bar.close()
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-    if isinstance(optimizer, CMDOptimizer):
-        dims, state = optimizer.trainable_dims, optimizer.state_bytes
-    else:
-        dims, state = sum(p.numel() for p in model.parameters()), _tensor_bytes(optimizer.state_dict()["state"])
-    return dict(method=name, accuracy=accuracy, dims=dims, seconds=seconds, state_bytes=state)
+    dims = optimizer.trainable_dims if isinstance(optimizer, CMDOptimizer) else sum(p.numel() for p in model.parameters())
+    return dict(method=name, accuracy=accuracy, dims=dims, seconds=seconds, state_bytes=optimizer_state_bytes(optimizer))
 
 
 def main(argv=None) -> None:

