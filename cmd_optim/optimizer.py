@@ -163,7 +163,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         if self.embedding is not None:
             return (_tensor_bytes(self.base.state) + _tensor_bytes(self.decomposition.state_dict())
                     + _tensor_bytes(self.embedding.state_dict()))
-        projection = self._projection.coefficients + self._projection.modes
+        projection = self._projection.coefficients + self._projection.bins
         return _tensor_bytes(projection) + _tensor_bytes(self._inner.state)
 
     def add_param_group(self, param_group: dict) -> None:

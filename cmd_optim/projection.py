@@ -7,7 +7,7 @@ clipped to ``[-max_coefficient, max_coefficient]`` (members whose reference bare
 otherwise get slopes in the thousands). Each parameter group has its own M mode coefficients, so
 per-group hyperparameters keep their meaning.
 
-Per parameter the map stores ``u`` (float32) and the mode (uint8): 5 bytes.
+Per parameter the map stores ``u`` (float32) and its mode's histogram bin (uint8): 5 bytes.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ MAX_COEFFICIENT = 10.0
 CHUNK = 1 << 18
 #: Below this many slices (1M elements) one thread does the work: handing out costs more.
 PARALLEL_SLICES = 4
-#: Interleaved copies of the mode histogram in ``project`` on the CPU.
+#: Interleaved histogram bins per mode (fewer when M > 32, so that the bin fits in a byte).
 LANES = 8
 
 
@@ -41,20 +41,25 @@ class ModeProjection:
 
     def __init__(self, coefficients, modes, groups, num_modes, num_groups):
         self.coefficients = list(coefficients)
-        self.modes = list(modes)
         self.groups = list(groups)
         self.num_modes = num_modes
         self.num_groups = num_groups
         # Squared norm of each (group, mode) direction: dividing by it makes the mode step the
         # least-squares projection of the full step, whatever the scale of u.
         norms = torch.zeros(num_groups, num_modes, dtype=torch.float64)
-        for u, mode, group in zip(self.coefficients, self.modes, self.groups):
+        for u, mode, group in zip(self.coefficients, modes, self.groups):
             norms[group] += torch.zeros(num_modes, dtype=torch.float64).index_add_(
                 0, mode.reshape(-1).long().cpu(), u.reshape(-1).double().square().cpu())
         self.active = norms > 0  # (group, mode) pairs that move some parameter
         self.direction_norms = norms.float().clamp_min(torch.finfo(torch.float32).tiny).to(self.device)
+        # Each parameter keeps one byte: its histogram bin, mode * lanes + (flat index % lanes). Spreading
+        # a mode over interleaved bins keeps runs of one mode (whole rows usually share one) from
+        # serialising the histogram in ``project`` on a single bin.
+        self.lanes = max(1, min(LANES, 256 // num_modes))
+        self.bins = [(mode.reshape(-1) * self.lanes + _lanes(mode.numel(), self.lanes, mode.device)).view_as(mode)
+                     for mode in modes]
         self._flat_coefficients = [u.view(-1) for u in self.coefficients]
-        self._flat_modes = [mode.view(-1) for mode in self.modes]
+        self._flat_bins = [b.view(-1) for b in self.bins]
         self._slices = [(tensor, start, min(start + CHUNK, u.numel()))
                         for tensor, u in enumerate(self._flat_coefficients) for start in range(0, u.numel(), CHUNK)]
         # Serial kernels (the histogram, the gather) share the CPU cores through a thread pool; on an
@@ -101,9 +106,9 @@ class ModeProjection:
             for tensor, start, end in self._slices[worker::self._workers]:
                 if grads[tensor] is None:
                     continue
-                u, mode = self._flat_coefficients[tensor][start:end], self._flat_modes[tensor][start:end]
+                u, bins = self._flat_coefficients[tensor][start:end], self._flat_bins[tensor][start:end]
                 product = torch.mul(u, grads[tensor][start:end], out=values[: end - start])
-                out[self.groups[tensor]] += self._sum_by_mode(product, mode, index)
+                out[self.groups[tensor]] += self._sum_by_bin(product, bins, index)
             return out
 
         return sum(self._run(work)).float() / self.direction_norms
@@ -113,7 +118,7 @@ class ModeProjection:
 
         A parameter without a gradient in this step is left alone, as a base optimizer would.
         """
-        delta = delta.to(self.device, torch.float32)
+        table = delta.to(self.device, torch.float32).repeat_interleave(self.lanes, dim=1)  # per bin
         flat = [p.view(-1) if p.grad is not None else None for p in params]
 
         def work(worker: int) -> None:
@@ -121,24 +126,25 @@ class ModeProjection:
             for tensor, start, end in self._slices[worker::self._workers]:
                 if flat[tensor] is None:
                     continue
-                modes = index[: end - start].copy_(self._flat_modes[tensor][start:end])
-                step = torch.index_select(delta[self.groups[tensor]], 0, modes, out=values[: end - start])
+                bins = index[: end - start].copy_(self._flat_bins[tensor][start:end])
+                step = torch.index_select(table[self.groups[tensor]], 0, bins, out=values[: end - start])
                 flat[tensor][start:end].addcmul_(step, self._flat_coefficients[tensor][start:end])
 
         self._run(work)
 
-    def _sum_by_mode(self, values: torch.Tensor, mode: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def _sum_by_bin(self, values: torch.Tensor, bins: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """(M,) float64 sums of ``values`` per mode; ``index`` is int32 scratch space.
 
-        On the CPU, a histogram (``bincount``) over ``LANES`` interleaved copies of the M bins, so that
-        runs of one mode (whole rows usually share one) do not serialise on a single bin. On an
-        accelerator ``bincount`` would synchronise with the host, so atomics are used instead.
+        On the CPU a histogram (``bincount``); on an accelerator ``bincount`` would synchronise with the
+        host, so atomics are used instead.
         """
-        if values.device.type != "cpu":
-            return torch.zeros(self.num_modes, dtype=torch.float64, device=values.device).index_add_(
-                0, mode.int(), values.double())
-        bins = torch.add(_lanes()[: len(mode)], mode, alpha=LANES, out=index[: len(mode)])
-        return torch.bincount(bins, weights=values, minlength=self.num_modes * LANES).view(-1, LANES).sum(1)
+        size = self.num_modes * self.lanes
+        if values.device.type == "cpu":
+            sums = torch.bincount(bins, weights=values, minlength=size)
+        else:
+            sums = torch.zeros(size, dtype=torch.float64, device=values.device).index_add_(
+                0, index[: len(bins)].copy_(bins), values.double())
+        return sums.view(self.num_modes, self.lanes).sum(1)
 
     def _scratch(self, worker: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-worker float32 and int32 buffers of ``CHUNK`` elements, made on first use."""
@@ -162,6 +168,11 @@ class ModeProjection:
     def device(self) -> torch.device:
         return self.coefficients[0].device if self.coefficients else torch.device("cpu")
 
+    @property
+    def modes(self) -> list[torch.Tensor]:
+        """The mode of every projected parameter (uint8 tensors shaped like them), computed from ``bins``."""
+        return [torch.div(b, self.lanes, rounding_mode="floor") for b in self.bins]
+
     def state_dict(self) -> dict:
         return {"coefficients": self.coefficients, "modes": self.modes, "groups": self.groups,
                 "num_modes": self.num_modes, "num_groups": self.num_groups}
@@ -173,10 +184,9 @@ class ModeProjection:
         return cls(coefficients, modes, state["groups"], state["num_modes"], state["num_groups"])
 
 
-@functools.lru_cache(maxsize=None)
-def _lanes() -> torch.Tensor:
-    """int32 ``[0, 1, ..., LANES - 1, 0, 1, ...]`` of length ``CHUNK`` (CPU)."""
-    return torch.arange(CHUNK, dtype=torch.int32) % LANES
+def _lanes(n: int, lanes: int, device: torch.device) -> torch.Tensor:
+    """uint8 ``[0, 1, ..., lanes - 1, 0, 1, ...]`` of length ``n``."""
+    return (torch.arange(n, dtype=torch.int32, device=device) % lanes).to(torch.uint8)
 
 
 @functools.lru_cache(maxsize=None)
