@@ -81,6 +81,17 @@ def _worker(impl: str, params: int, snapshots: int, repeats: int) -> dict:
             "trajectory_bytes": trajectory.numel() * 4, "snapshot_bytes": params * 4}
 
 
+def compare(params: int, snapshots: int, repeats: int) -> dict[str, dict]:
+    """Each implementation in its own process, one after the other: ``{implementation: worker result}``."""
+    results = {}
+    for impl in [i for i in IMPLEMENTATIONS if i != "torch-cuda" or torch.cuda.is_available()]:
+        cmd = [sys.executable, "-m", "benchmarks.decompose", "--worker", impl, "--params", str(params),
+               "--snapshots", str(snapshots), "--repeats", str(repeats)]
+        results[impl] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+        print(results[impl], flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=2_000_000)
@@ -93,14 +104,7 @@ def main() -> None:
         print(json.dumps(_worker(args.worker, args.params, args.snapshots, args.repeats)))
         return
 
-    impls = [i for i in IMPLEMENTATIONS if i != "torch-cuda" or torch.cuda.is_available()]
-    results = {}
-    for impl in impls:
-        cmd = [sys.executable, "-m", "benchmarks.decompose", "--worker", impl, "--params", str(args.params),
-               "--snapshots", str(args.snapshots), "--repeats", str(args.repeats)]
-        results[impl] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
-        print(results[impl], flush=True)
-
+    results = compare(args.params, args.snapshots, args.repeats)
     reference = results["numpy"]["seconds"]
     snapshot_mb = results["numpy"]["snapshot_bytes"] / 2**20
     rows = [

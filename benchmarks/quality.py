@@ -1,0 +1,362 @@
+"""Test accuracy of CMD against what users would pick instead, on real offline data, several seeds.
+
+    python -m benchmarks.quality [--quick] [--seeds 3] [--tasks digits mnist1d] [--json PATH] [--no-write]
+
+Every method takes the same number of optimizer steps on the same batches; those with a warm-up share
+it. Methods: the base optimizer alone (SGD with momentum, AdamW); CMDOptimizer (10 modes) with each;
+``embed="gradual"``; the paper's Online CMD evaluation of the SGD run (``w = a r + b`` at the end);
+DLDR's P-SGD and P-BFGS (benchmarks/dldr.py: PCA of the warm-up to at most 40 directions); EMA and SWA
+of the SGD run (torch.optim.swa_utils). Writes the "quality" section of docs/benchmarks.md and PNG plots
+(accuracy over steps; the Online CMD reconstruction error over time) into docs/img/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from cmd_optim import CMDOptimizer, datasets, decompose, optimizer_state_bytes
+from cmd_optim.snapshots import SnapshotBuffer
+
+from .dldr import PBFGS, PSGD, Subspace
+from .report import DOC, machine, write_section
+
+IMAGES = DOC.parent / "img"
+
+
+@dataclass
+class Task:
+    name: str
+    load: callable
+    model: callable
+    steps: int
+    warmup: int
+    snapshot_every: int
+    batch: int
+    sgd: dict
+    adamw: dict
+    data: tuple = field(default=None, repr=False)
+
+
+def _mlp():
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+def _cnn():
+    return nn.Sequential(nn.Conv1d(1, 16, 5, padding=2), nn.ReLU(), nn.Conv1d(16, 16, 5, padding=2), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 40, 10))
+
+
+TASKS = {
+    "digits": Task("digits (MLP 64-256-256-10)", lambda: datasets.digits(seed=0), _mlp, steps=600, warmup=300,
+                   snapshot_every=10, batch=64, sgd=dict(lr=0.05, momentum=0.9), adamw=dict(lr=1e-3)),
+    "mnist1d": Task("MNIST-1D (1-D CNN)", lambda: datasets.mnist1d(num_samples=4000, seed=42), _cnn, steps=800,
+                    warmup=400, snapshot_every=20, batch=128, sgd=dict(lr=0.05, momentum=0.9), adamw=dict(lr=3e-3)),
+}
+
+
+class Run:
+    """One training run on a task: deterministic batches, an accuracy curve, a wall-clock timer."""
+
+    def __init__(self, task: Task, seed: int):
+        self.task, self.seed = task, seed
+        torch.manual_seed(seed)
+        self.model = task.model()
+        self.params = [p for p in self.model.parameters()]
+        self.curve: list[tuple[int, float]] = []
+        self.eval_every = task.steps // 20
+
+    def batch(self, step: int):
+        x, y = self.task.data[0], self.task.data[1]
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + step)
+        index = torch.randint(0, len(x), (self.task.batch,), generator=gen)
+        return x[index], y[index]
+
+    def loss_fn(self, step: int):
+        x, y = self.batch(step)
+        return lambda: nn.functional.cross_entropy(self.model(x), y)
+
+    @torch.no_grad()
+    def accuracy(self, model=None) -> float:
+        model = model or self.model
+        return (model(self.task.data[2]).argmax(1) == self.task.data[3]).float().mean().item()
+
+    def train(self, step_fn, start: int = 0, stop: int | None = None, after_step=None, evaluate=None) -> None:
+        """``step_fn(step)`` does one optimizer step; ``after_step(step)`` runs after it (1-based)."""
+        for step in range(start, stop or self.task.steps):
+            step_fn(step)
+            if after_step is not None:
+                after_step(step + 1)
+            if (step + 1) % self.eval_every == 0:
+                self.curve.append((step + 1, (evaluate or self.accuracy)()))
+
+
+def _optimizer_step(run: Run, optimizer):
+    def step(index):
+        loss = run.loss_fn(index)()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def base(run: Run, kind: str) -> dict:
+    task = run.task
+    cls, kwargs = (torch.optim.SGD, task.sgd) if kind == "SGD" else (torch.optim.AdamW, task.adamw)
+    optimizer = cls(run.params, **kwargs)
+    run.train(_optimizer_step(run, optimizer))
+    n = sum(p.numel() for p in run.params)
+    return dict(test_acc=run.accuracy(), trainable_dims=n, optimizer_bytes=optimizer_state_bytes(optimizer),
+                floats_per_step=n)
+
+
+def cmd(run: Run, kind: str, embed: str = "all") -> dict:
+    task = run.task
+    cls, kwargs = (torch.optim.SGD, task.sgd) if kind == "SGD" else (torch.optim.AdamW, task.adamw)
+    optimizer = CMDOptimizer(run.model, base=cls, modes=10, warmup_steps=task.warmup,
+                             snapshot_every=task.snapshot_every, samples=1000, seed=run.seed, embed=embed, **kwargs)
+    run.train(_optimizer_step(run, optimizer))
+    return dict(test_acc=run.accuracy(), trainable_dims=optimizer.trainable_dims,
+                optimizer_bytes=optimizer.state_bytes, floats_per_step=optimizer.trainable_dims)
+
+
+def averaged(run: Run, kind: str) -> dict:
+    """EMA (decay 0.99 every step) or SWA (equal weights, every snapshot after the warm-up) of an SGD run."""
+    task = run.task
+    optimizer = torch.optim.SGD(run.params, **task.sgd)
+    if kind == "EMA":
+        average = AveragedModel(run.model, multi_avg_fn=get_ema_multi_avg_fn(0.99), use_buffers=True)
+        update = lambda step: average.update_parameters(run.model)  # noqa: E731
+    else:
+        average = AveragedModel(run.model, use_buffers=True)
+        update = lambda step: (step >= task.warmup and step % task.snapshot_every == 0  # noqa: E731
+                               and average.update_parameters(run.model))
+    evaluate = lambda: run.accuracy(average if average.n_averaged > 0 else None)  # noqa: E731
+    run.train(_optimizer_step(run, optimizer), after_step=update, evaluate=evaluate)
+    n = sum(p.numel() for p in run.params)
+    return dict(test_acc=run.accuracy(average), trainable_dims=n,
+                optimizer_bytes=optimizer_state_bytes(optimizer) + 4 * n, floats_per_step=n)
+
+
+def _warmup_with_snapshots(run: Run) -> SnapshotBuffer:
+    task = run.task
+    optimizer = torch.optim.SGD(run.params, **task.sgd)
+    snapshots = SnapshotBuffer(run.params, task.warmup // task.snapshot_every + 1)
+    snapshots.record()
+    run.train(_optimizer_step(run, optimizer), stop=task.warmup,
+              after_step=lambda step: step % task.snapshot_every or snapshots.record())
+    return snapshots, optimizer
+
+
+def online_cmd(run: Run) -> dict:
+    """The SGD run, evaluated as the Online CMD model ``w = a r + b`` (refit at every snapshot)."""
+    task = run.task
+    snapshots, optimizer = _warmup_with_snapshots(run)
+    d = decompose(snapshots.trajectory(), modes=10, samples=1000, seed=run.seed, layer_sizes=snapshots.sizes)
+    snapshots.release()
+    flat = lambda: torch.cat([p.detach().reshape(-1) for p in run.params])  # noqa: E731
+    cmd_model = _clone(run.model)
+    run.errors = []
+
+    def after_step(step):
+        if step % task.snapshot_every == 0:
+            w = flat()
+            d.update(w)
+            run.errors.append((step, float((w - d.evaluate(w[d.references])).norm() / w.norm())))
+
+    def evaluate():
+        _load_flat(cmd_model, d.evaluate(flat()[d.references]))
+        return run.accuracy(cmd_model)
+
+    run.train(_optimizer_step(run, optimizer), start=task.warmup, after_step=after_step, evaluate=evaluate)
+    n = sum(p.numel() for p in run.params)
+    return dict(test_acc=evaluate(), trainable_dims=n,
+                optimizer_bytes=optimizer_state_bytes(optimizer) + sum(t.numel() * t.element_size()
+                                                                       for t in d.state_dict().values()),
+                floats_per_step=n)
+
+
+def dldr(run: Run, kind: str, lr: float = 1.0) -> dict:
+    task = run.task
+    snapshots, _ = _warmup_with_snapshots(run)
+    subspace = Subspace(run.params, snapshots.trajectory(), dims=40)
+    snapshots.release()
+    reduced_steps = task.steps - task.warmup
+    if kind == "P-SGD":
+        optimizer = PSGD(subspace, lr=lr, momentum=0.9)
+
+        def step(index):
+            if index - task.warmup == int(0.75 * reduced_steps):
+                optimizer.lr *= 0.1
+            for p in run.params:
+                p.grad = None
+            optimizer.step(run.loss_fn(index))
+    else:
+        optimizer = PBFGS(subspace)
+
+        def step(index):
+            optimizer.step(run.loss_fn(index))
+
+    run.train(step, start=task.warmup)
+    n = sum(p.numel() for p in run.params)
+    state = subspace.basis.numel() * 4 + subspace.origin.numel() * 4
+    return dict(test_acc=run.accuracy(), trainable_dims=subspace.dims, optimizer_bytes=state,
+                floats_per_step=subspace.dims if n else 0)
+
+
+def _clone(model: nn.Module) -> nn.Module:
+    import copy
+    return copy.deepcopy(model)
+
+
+@torch.no_grad()
+def _load_flat(model: nn.Module, flat: torch.Tensor) -> None:
+    offset = 0
+    for p in model.parameters():
+        p.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+
+
+METHODS = {
+    "SGD": lambda run: base(run, "SGD"),
+    "AdamW": lambda run: base(run, "AdamW"),
+    "CMD(SGD)": lambda run: cmd(run, "SGD"),
+    "CMD(AdamW)": lambda run: cmd(run, "AdamW"),
+    "CMD(SGD), gradual": lambda run: cmd(run, "SGD", embed="gradual"),
+    "Online CMD of SGD": online_cmd,
+    "P-SGD": lambda run: dldr(run, "P-SGD"),
+    "P-SGD, warm-up lr": lambda run: dldr(run, "P-SGD", lr=run.task.sgd["lr"]),
+    "P-BFGS": lambda run: dldr(run, "P-BFGS"),
+    "EMA of SGD": lambda run: averaged(run, "EMA"),
+    "SWA of SGD": lambda run: averaged(run, "SWA"),
+}
+
+
+def measure(tasks: list[str], seeds: int):
+    """Records (one per task, method, seed), accuracy curves and Online CMD error curves."""
+    records, curves, errors = [], {}, {}
+    for task_key in tasks:
+        task = TASKS[task_key]
+        task.data = task.load()
+        for seed in range(seeds):
+            for method, run_method in METHODS.items():
+                run = Run(task, seed)
+                start = time.perf_counter()
+                result = run_method(run)
+                record = dict(task=task_key, method=method, seed=seed, wall_s=time.perf_counter() - start, **result)
+                records.append(record)
+                curves.setdefault((task_key, method), []).append(run.curve)
+                if hasattr(run, "errors"):
+                    errors.setdefault(task_key, []).append(run.errors)
+                print(f"{task_key:8} {method:20} seed {seed}: acc {record['test_acc']:.4f}, "
+                      f"{record['trainable_dims']:,} dims, {record['wall_s']:.1f} s", flush=True)
+    return records, curves, errors
+
+
+def summary_table(records: list[dict]) -> str:
+    lines = ["| task | method | test accuracy (mean ± std) | trainable numbers after warm-up | wall time (s) "
+             "| optimizer memory (KiB) | floats sent per step (data-parallel) |", "|---|---|---|---|---|---|---|"]
+    keys = list(dict.fromkeys((r["task"], r["method"]) for r in records))
+    for task, method in keys:
+        rows = [r for r in records if r["task"] == task and r["method"] == method]
+        accuracy = [r["test_acc"] for r in rows]
+        spread = statistics.stdev(accuracy) if len(accuracy) > 1 else 0.0
+        lines.append(f"| {task} | {method} | {statistics.mean(accuracy):.4f} ± {spread:.4f} | "
+                     f"{rows[0]['trainable_dims']:,} | {statistics.mean(r['wall_s'] for r in rows):.1f} | "
+                     f"{statistics.mean(r['optimizer_bytes'] for r in rows) / 1024:,.0f} | "
+                     f"{rows[0]['floats_per_step']:,} |")
+    return "\n".join(lines)
+
+
+def plot(curves, errors, tasks) -> list[str]:
+    """PNG plots into docs/img; returns their names (none without matplotlib)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for (task_key, method), runs in curves.items():
+            if task_key != task or not runs[0]:
+                continue
+            steps = [s for s, _ in runs[0]]
+            mean = [statistics.mean(run[i][1] for run in runs) for i in range(len(steps))]
+            ax.plot(steps, mean, label=method, linestyle="--" if "CMD" not in method else "-")
+        ax.axvline(TASKS[task].warmup, color="grey", linewidth=0.8)
+        ax.set(title=TASKS[task].name, xlabel="optimizer step", ylabel="test accuracy (mean over seeds)")
+        ax.set_ylim(bottom=0.5)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(IMAGES / "quality_accuracy.png", dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for task, runs in errors.items():
+        steps = [s for s, _ in runs[0]]
+        ax.plot(steps, [statistics.mean(run[i][1] for run in runs) for i in range(len(steps))], label=TASKS[task].name)
+    ax.set(xlabel="optimizer step", ylabel="||w - (a r + b)|| / ||w||", title="Online CMD reconstruction error of the SGD run")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(IMAGES / "quality_reconstruction_error.png", dpi=110)
+    plt.close(fig)
+    return ["quality_accuracy.png", "quality_reconstruction_error.png"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="digits and MNIST-1D, 3 seeds")
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="write one record per (task, method, seed)")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    tasks = ["digits", "mnist1d"] if args.quick else args.tasks
+    if args.seeds < 3:
+        print("note: fewer than 3 seeds, the spreads below mean little")
+
+    start = time.perf_counter()
+    records, curves, errors = measure(tasks, args.seeds)
+    table = summary_table(records)
+    print(table)
+    print(f"total {time.perf_counter() - start:.0f} s")
+    if args.json:
+        args.json.write_text(json.dumps(records, indent=1))
+    if args.no_write:
+        return
+    images = plot(curves, errors, tasks)
+    command = "python -m benchmarks.quality" + (" --quick" if args.quick else f" --tasks {' '.join(tasks)}") \
+        + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
+    settings = "; ".join(f"{TASKS[t].name}: {TASKS[t].steps} steps, warm-up {TASKS[t].warmup}, snapshot every "
+                         f"{TASKS[t].snapshot_every}, batch {TASKS[t].batch}, SGD {TASKS[t].sgd}, AdamW {TASKS[t].adamw}"
+                         for t in tasks)
+    body = f"""## Quality: test accuracy against the alternatives
+
+{args.seeds} seeds per (task, method), equal optimizer steps and equal warm-up. {settings}.
+CMD: 10 modes, K = 1000; gradual: L = 2 snapshots, P = 10%; P-SGD/P-BFGS: the PCA of the warm-up
+snapshots (at most 40 directions, here limited by the snapshot count), P-SGD with momentum 0.9 and a
+tenfold cut of the rate at 75% of its steps, at DLDR's lr 1 and at the warm-up's SGD rate; EMA decay 0.99 per step; SWA averages a snapshot every
+`snapshot_every` steps after the warm-up. "Trainable numbers" is what the optimizer updates after the
+warm-up; "floats sent per step" what a data-parallel worker would all-reduce per step then. Optimizer
+memory: the state `step()` uses (EMA/SWA: plus the averaged copy; Online CMD: plus its running fit).
+
+Machine: {machine()}.
+Command: `{command}`
+
+{table}
+
+{chr(10).join(f"![{name}](img/{name})" for name in images)}
+"""
+    write_section("quality", body)
+
+
+if __name__ == "__main__":
+    main()

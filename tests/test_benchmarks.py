@@ -1,0 +1,60 @@
+"""The benchmark code itself: baselines that must be right for the comparisons to mean anything."""
+import dataclasses
+import json
+import sys
+
+import pytest
+import torch
+
+from benchmarks import dldr, quality
+
+
+def test_dldr_subspace_recovers_a_planted_trajectory_subspace():
+    gen = torch.Generator().manual_seed(0)
+    directions = torch.linalg.qr(torch.randn(200, 3, generator=gen)).Q.T  # (3, 200) orthonormal
+    trajectory = torch.randn(12, 3, generator=gen) @ directions + torch.randn(200, generator=gen)
+    params = [torch.nn.Parameter(trajectory[-1].clone())]
+    subspace = dldr.Subspace(params, trajectory, dims=40)
+    assert subspace.dims == 11  # at most T - 1 directions carry variance
+    # the planted directions lie in the span of the first three principal directions
+    captured = (directions @ subspace.basis[:3].T).norm(dim=1)
+    torch.testing.assert_close(captured, torch.ones(3), atol=1e-4, rtol=0)
+
+
+def test_p_bfgs_minimises_a_quadratic_inside_the_subspace():
+    gen = torch.Generator().manual_seed(1)
+    trajectory = torch.randn(6, 50, generator=gen)
+    params = [torch.nn.Parameter(trajectory[-1].clone())]
+    subspace = dldr.Subspace(params, trajectory, dims=5)
+    target = subspace.origin + subspace.basis.T @ torch.tensor([1.0, -2.0, 0.5, 3.0, -1.0])
+    scales = torch.rand(50, generator=gen) + 0.5
+    optimizer = dldr.PBFGS(subspace)
+    loss = lambda: (scales * (params[0] - target) ** 2).sum()  # noqa: E731
+    for _ in range(30):
+        optimizer.step(loss)
+    assert float(loss().detach()) < 1e-8
+
+
+def test_quality_suite_records_every_method(tmp_path, monkeypatch):
+    small = dataclasses.replace(quality.TASKS["digits"], steps=60, warmup=30, snapshot_every=5)
+    monkeypatch.setitem(quality.TASKS, "digits", small)
+    monkeypatch.setattr(sys, "argv", ["quality", "--tasks", "digits", "--seeds", "1", "--json",
+                                      str(tmp_path / "q.json"), "--no-write"])
+    quality.main()
+    records = json.loads((tmp_path / "q.json").read_text())
+    assert [r["method"] for r in records] == list(quality.METHODS)
+    for r in records:
+        assert {"task", "method", "seed", "test_acc", "trainable_dims", "wall_s", "optimizer_bytes"} <= set(r)
+    by_method = {r["method"]: r for r in records}
+    assert by_method["CMD(SGD)"]["trainable_dims"] <= 10
+    assert by_method["SGD"]["test_acc"] > 0.5 and by_method["CMD(SGD)"]["test_acc"] > 0.5
+
+
+def test_cifar10_script_runs_on_fake_data():
+    pytest.importorskip("torchvision")
+    from benchmarks import cifar10_resnet18
+
+    records = cifar10_resnet18.main(["--fake", "--fake-size", "64", "--batch", "32", "--epochs", "3",
+                                     "--warmup-epochs", "2", "--device", "cpu"])
+    assert [r["method"] for r in records] == ["SGD", "CMD(SGD)"]
+    assert records[1]["trainable_dims"] <= 10 and 0 <= records[1]["test_acc"] <= 1
