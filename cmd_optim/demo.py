@@ -65,10 +65,18 @@ def main(argv=None) -> None:
     ]
     print(f"digits MLP 64-256-256-10, {args.steps} steps, batch 64, CMD warm-up {args.warmup_steps} steps, "
           f"{args.modes} modes")
-    print(f"{'method':<14} {'test acc':>8} {'trainable numbers':>18} {'time (s)':>9} {'optimizer state':>16}")
+    print(comparison_table(rows))
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """Rows with ``method, accuracy, dims, seconds, state_bytes`` as an aligned text table."""
+    lines = [f"{'method':<14} {'test acc':>8} {'trainable numbers':>18} {'time (s)':>9} {'optimizer state':>16}"]
     for r in rows:
-        print(f"{r['method']:<14} {r['accuracy']:>8.3f} {r['dims']:>18,} {r['seconds']:>9.2f} "
-              f"{r['state_bytes'] / 1024:>13.1f} KiB")
+        state = r["state_bytes"] / 1024
+        unit = "KiB" if state < 10 * 1024 else "MiB"
+        lines.append(f"{r['method']:<14} {r['accuracy']:>8.3f} {r['dims']:>18,} {r['seconds']:>9.2f} "
+                     f"{state if unit == 'KiB' else state / 1024:>12.1f} {unit}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

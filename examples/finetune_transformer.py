@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
 from cmd_optim import CMDOptimizer, datasets, optimizer_state_bytes
+from cmd_optim.demo import comparison_table
 from cmd_optim.hf import CMDCallback
 
 
@@ -70,7 +71,8 @@ def finetune(method: str, args, train_data, test_data) -> dict:
     predictions = trainer.predict(test_data)
     accuracy = float((predictions.predictions.argmax(-1) == predictions.label_ids).mean())
     dims = optimizer.trainable_dims if isinstance(optimizer, CMDOptimizer) else model.num_parameters()
-    return dict(method=method, accuracy=accuracy, dims=dims, seconds=seconds, state=optimizer_state_bytes(optimizer))
+    return dict(method=method, accuracy=accuracy, dims=dims, seconds=seconds,
+                state_bytes=optimizer_state_bytes(optimizer))
 
 
 def main() -> None:
@@ -97,10 +99,7 @@ def main() -> None:
           f"{args.steps} steps each, CMD warm-up {args.warmup_steps}")
 
     rows = [finetune(method, args, train_data, test_data) for method in ("AdamW", "CMD(AdamW)")]
-    print(f"\n{'method':<12}{'test accuracy':>15}{'trainable numbers':>19}{'wall time':>11}{'optimizer state':>17}")
-    for r in rows:
-        print(f"{r['method']:<12}{r['accuracy']:>15.3f}{r['dims']:>19,}{r['seconds']:>10.0f}s"
-              f"{r['state'] / 2**20:>13.1f} MiB")
+    print("\n" + comparison_table(rows))
 
 
 if __name__ == "__main__":
