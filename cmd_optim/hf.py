@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .optimizer import CMDOptimizer
+from .optimizer import CMDOptimizer, find_cmd_optimizer
 
 
 def trainer_optimizer(model: torch.nn.Module, *, weight_decay: float = 0.0, **kwargs) -> tuple[type, dict]:
@@ -32,13 +32,6 @@ def trainer_optimizer(model: torch.nn.Module, *, weight_decay: float = 0.0, **kw
         {"params": [(name, p) for name, p in named if name not in decay], "weight_decay": 0.0},
     ]
     return CMDOptimizer, {"model": [group for group in groups if group["params"]], **kwargs}
-
-
-def find_cmd_optimizer(optimizer) -> CMDOptimizer | None:
-    """The CMDOptimizer inside ``optimizer`` (unwrapping accelerate's ``AcceleratedOptimizer``), or None."""
-    while optimizer is not None and not isinstance(optimizer, CMDOptimizer):
-        optimizer = getattr(optimizer, "optimizer", None)
-    return optimizer
 
 
 class CMDCallback(TrainerCallback):

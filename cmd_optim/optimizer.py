@@ -87,6 +87,7 @@ class CMDOptimizer(torch.optim.Optimizer):
                 f"{num_snapshots} snapshots, CMD needs at least 3"
             )
         groups, names = _named_param_groups(model)
+        _refuse_sharding(model, names, base)
         patterns = list(keep_free)
         self._base_factory = _base_factory(base, base_kwargs)
         self.base = self._base_factory([dict(g) for g in groups])
@@ -130,6 +131,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         self.limited_steps = 0
         self.embedding: GradualEmbedding | None = None
         self.switch_report: dict | None = None
+        self._pending_mode_sums: dict[int, torch.Tensor] = {}  # from the DDP hook, by bucket
 
     # ------------------------------------------------------------------ public view
     @property
@@ -219,10 +221,23 @@ class CMDOptimizer(torch.optim.Optimizer):
         self.steps_taken += 1
         return loss
 
+    def _add_mode_sums(self, key: int, sums: torch.Tensor) -> None:
+        """Mode-gradient numerators already averaged over the ranks (cmd_optim.distributed), by bucket."""
+        self._pending_mode_sums[key] = sums
+
     @torch.no_grad()
     def _load_mode_gradients(self) -> bool:
-        """Project the parameter gradients into ``psi.grad``; False if any gradient is non-finite."""
-        mode_grads = self._projection.project([p.grad for p in self._tracked])
+        """Project the parameter gradients into ``psi.grad``; False if any gradient is non-finite.
+
+        Under the DDP hook the projection arrived with the all-reduce; it is summed in bucket order,
+        so that every rank adds in the same order.
+        """
+        if self._pending_mode_sums:
+            sums = sum(self._pending_mode_sums[key].double() for key in sorted(self._pending_mode_sums))
+            self._pending_mode_sums = {}
+            mode_grads = sums.to(self._projection.device).float() / self._projection.direction_norms
+        else:
+            mode_grads = self._projection.project([p.grad for p in self._tracked])
         if not _all_finite([mode_grads, *(p.grad for p in self._free)]):
             return False
         for psi, grad in zip(self._psi, mode_grads):
@@ -258,6 +273,9 @@ class CMDOptimizer(torch.optim.Optimizer):
             "explained_variance": d.explained_variance(trajectory),
         }
         self._snapshots.release()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from .distributed import check_rank_consistency  # a module that imports this one
+            check_rank_consistency(d)
         self._phase = "reduced"
         if self.embed == "gradual":
             self.embedding = GradualEmbedding(self.decomposition, self._tracked, self.embed_every, self.embed_fraction)
@@ -388,6 +406,7 @@ class CMDOptimizer(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
+        self._pending_mode_sums = {}
         for psi in self._psi:
             psi.grad = None
 
@@ -395,6 +414,23 @@ class CMDOptimizer(torch.optim.Optimizer):
         inner = self.base if self.base is not None else self._inner
         return (f"CMDOptimizer(phase={self._phase!r}, embed={self.embed!r}, modes={self.modes}, warmup_steps={self.warmup_steps}, "
                 f"trainable_dims={self.trainable_dims}, base={type(inner).__name__})")
+
+
+def find_cmd_optimizer(optimizer) -> CMDOptimizer | None:
+    """The CMDOptimizer inside ``optimizer`` (unwrapping wrappers such as accelerate's), or None."""
+    while optimizer is not None and not isinstance(optimizer, CMDOptimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+def _refuse_sharding(model, params, base) -> None:
+    """FSDP and ZeroRedundancyOptimizer give ranks different parameters; CMD needs them identical."""
+    advice = "use DistributedDataParallel (with cmd_optim.distributed.register_cmd_hook) instead"
+    if type(model).__name__ in ("FullyShardedDataParallel", "FSDPModule") or any(
+            getattr(p, "_is_flat_param", False) or type(p).__name__ == "DTensor" for p in params):
+        raise TypeError(f"CMDOptimizer does not support FSDP-sharded parameters: {advice}")
+    if isinstance(base, type) and base.__name__ == "ZeroRedundancyOptimizer":
+        raise TypeError(f"CMDOptimizer does not support base=ZeroRedundancyOptimizer: {advice}")
 
 
 def _named_param_groups(model) -> tuple[list[dict], dict]:

@@ -98,6 +98,14 @@ class ModeProjection:
 
     def project(self, grads) -> torch.Tensor:
         """Mode gradients (num_groups, M): ``sum_i u_i g_i / sum_i u_i^2`` over each group's modes."""
+        return self.mode_sums(grads).float() / self.direction_norms
+
+    def mode_sums(self, grads) -> torch.Tensor:
+        """The numerators of :meth:`project`, (num_groups, M) float64: ``sum_i u_i g_i``.
+
+        ``grads`` lists one tensor (or None, left out) per projected parameter. The sums are linear in
+        the gradients, so sums over parts of the parameters (a DDP bucket) or over ranks add up.
+        """
         grads = [None if g is None else g.reshape(-1) for g in grads]
 
         def work(worker: int) -> torch.Tensor:
@@ -111,7 +119,7 @@ class ModeProjection:
                 out[self.groups[tensor]] += self._sum_by_bin(product, bins, index)
             return out
 
-        return sum(self._run(work)).float() / self.direction_norms
+        return sum(self._run(work))
 
     def apply(self, params, delta: torch.Tensor) -> None:
         """Move each parameter by ``u * delta[group, mode]``; ``delta`` is (num_groups, M).

@@ -7,32 +7,11 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("vaderSentiment")
-from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
+from transformers import BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from cmd_optim import CMDOptimizer, datasets  # noqa: E402
+from conftest import Words, tiny_bert_config  # noqa: E402
 from cmd_optim.hf import CMDCallback, find_cmd_optimizer, trainer_optimizer  # noqa: E402
-
-LENGTH = 16
-
-
-class Words(torch.utils.data.Dataset):
-    """Words as byte ids (0 pads), with their sentiment label."""
-
-    def __init__(self, words, labels):
-        self.ids = torch.zeros(len(words), LENGTH, dtype=torch.long)
-        for row, word in enumerate(words):
-            codes = list(word.encode("utf-8"))[: LENGTH - 1]
-            self.ids[row, 0] = 257  # [CLS]
-            self.ids[row, 1:len(codes) + 1] = torch.tensor(codes) + 1
-        self.labels = labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, index):
-        return {"input_ids": self.ids[index], "attention_mask": (self.ids[index] > 0).long(),
-                "labels": self.labels[index]}
-
 
 @pytest.fixture(scope="module")
 def data():
@@ -43,9 +22,7 @@ def data():
 @pytest.fixture(scope="module")
 def initial_state():
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=258, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=LENGTH, num_labels=2,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    config = tiny_bert_config()
     return config, copy.deepcopy(BertForSequenceClassification(config).state_dict())
 
 
