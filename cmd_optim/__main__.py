@@ -1,4 +1,4 @@
-"""Command line: ``python -m cmd_optim demo`` (also the ``cmd-optim`` console script)."""
+"""Command line: ``python -m cmd_optim demo|analyze`` (also the ``cmd-optim`` console script)."""
 from __future__ import annotations
 
 import sys
@@ -6,9 +6,9 @@ import sys
 
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"demo": "cmd_optim.demo"}
+    commands = {"demo": "cmd_optim.demo", "analyze": "cmd_optim.analysis"}
     if not argv or argv[0] not in commands:
-        print("usage: cmd-optim {demo} [options]   (cmd-optim demo --help for the options)")
+        print("usage: cmd-optim {demo,analyze} [options]   (cmd-optim COMMAND --help for the options)")
         raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
     from importlib import import_module
 

@@ -182,7 +182,8 @@ def decompose(
     """Fit CMD to a trajectory (T, N): one row per snapshot, one column per parameter.
 
     Args:
-        trajectory: floating tensor (T, N) with T >= 3, on any device.
+        trajectory: floating tensor (T, N) with T >= 3, on any device, or a :class:`ColumnSource` that
+            reads it on demand (the trajectory is then never held whole: memory is a chunk of columns).
         modes: the most modes to find (the clustering may find fewer).
         samples: how many columns the clustering sees (K); at least ``modes``.
         seed: seeds the column sampling; equal inputs and seeds give equal results.
@@ -237,15 +238,34 @@ def decompose(
     return Decomposition(assignment, references, profiles, mean, comoment, profile_mean, profile_m2)
 
 
-def _as_trajectory(trajectory: torch.Tensor) -> torch.Tensor:
-    trajectory = torch.as_tensor(trajectory)
-    if trajectory.dim() != 2:
-        raise ValueError(f"trajectory must be 2-D (snapshots, parameters), got shape {tuple(trajectory.shape)}")
-    if not trajectory.is_floating_point():
+class ColumnSource:
+    """Base class of trajectories read on demand rather than held in memory.
+
+    A subclass sets ``shape`` ((T, N) ``torch.Size``), ``dtype`` and ``device``, and answers
+    ``source[:, columns]`` (``columns`` a slice or a LongTensor of column indices) with a (T, len) tensor.
+    :func:`decompose`, :meth:`Decomposition.relative_error` and :meth:`Decomposition.explained_variance`
+    accept one and read it in chunks of columns (see :class:`cmd_optim.analysis.CheckpointTrajectory`).
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+
+    def __getitem__(self, key) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _as_trajectory(trajectory) -> torch.Tensor | ColumnSource:
+    if not isinstance(trajectory, ColumnSource):
+        trajectory = torch.as_tensor(trajectory)
+    shape = tuple(trajectory.shape)
+    if len(shape) != 2:
+        raise ValueError(f"trajectory must be 2-D (snapshots, parameters), got shape {shape}")
+    if not trajectory.dtype.is_floating_point:
         raise ValueError(f"trajectory must be a floating-point tensor, got {trajectory.dtype}")
-    if trajectory.shape[0] < 3:
-        raise ValueError(f"trajectory needs at least 3 snapshots (rows), got {trajectory.shape[0]}")
-    if trajectory.shape[1] < 1:
+    if shape[0] < 3:
+        raise ValueError(f"trajectory needs at least 3 snapshots (rows), got {shape[0]}")
+    if shape[1] < 1:
         raise ValueError("trajectory has no parameters (0 columns)")
     return trajectory
 
