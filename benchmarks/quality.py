@@ -14,6 +14,7 @@ digits and MNIST-1D only. Writes the "quality" section of docs/benchmarks.md and
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from cmd_optim import CMDOptimizer, datasets, decompose, optimizer_state_bytes
@@ -217,8 +219,8 @@ def online_cmd(run: Run) -> dict:
     snapshots, optimizer = _warmup_with_snapshots(run)
     d = decompose(snapshots.trajectory(), modes=10, samples=1000, seed=run.seed, layer_sizes=snapshots.sizes)
     snapshots.release()
-    flat = lambda: torch.cat([p.detach().reshape(-1) for p in run.params])  # noqa: E731
-    cmd_model = _clone(run.model)
+    flat = lambda: parameters_to_vector(run.params).detach()  # noqa: E731
+    cmd_model = copy.deepcopy(run.model)
     run.errors = []
 
     def after_step(step):
@@ -228,7 +230,7 @@ def online_cmd(run: Run) -> dict:
             run.errors.append((step, float((w - d.evaluate(w[d.references])).norm() / w.norm())))
 
     def evaluate():
-        _load_flat(cmd_model, d.evaluate(flat()[d.references]))
+        vector_to_parameters(d.evaluate(flat()[d.references]), cmd_model.parameters())
         return run.accuracy(cmd_model)
 
     run.train(_optimizer_step(run, optimizer), start=task.warmup, after_step=after_step, evaluate=evaluate)
@@ -265,19 +267,6 @@ def dldr(run: Run, kind: str, lr: float = 1.0) -> dict:
     state = subspace.basis.numel() * 4 + subspace.origin.numel() * 4
     return dict(test_acc=run.accuracy(), trainable_dims=subspace.dims, optimizer_bytes=state,
                 floats_per_step=subspace.dims if n else 0)
-
-
-def _clone(model: nn.Module) -> nn.Module:
-    import copy
-    return copy.deepcopy(model)
-
-
-@torch.no_grad()
-def _load_flat(model: nn.Module, flat: torch.Tensor) -> None:
-    offset = 0
-    for p in model.parameters():
-        p.copy_(flat[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
 
 
 METHODS = {

@@ -17,6 +17,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from cmd_optim import datasets, decompose
 from cmd_optim.projection import ModeProjection
@@ -28,15 +29,7 @@ def model_for(seed: int) -> nn.Module:
 
 
 def flat(model: nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-
-@torch.no_grad()
-def load_flat(model: nn.Module, vector: torch.Tensor) -> None:
-    offset = 0
-    for p in model.parameters():
-        p.copy_(vector[offset:offset + p.numel()].view_as(p))
-        offset += p.numel()
+    return parameters_to_vector(model.parameters()).detach()
 
 
 def local_batches(shard, steps: int, batch: int, seed: int):
@@ -112,7 +105,8 @@ def federated(args, use_cmd: bool) -> dict:
         else:
             changes = [client_full(model, shard, args, seed) for shard, seed in zip(shards, seeds)]
             uploaded += sum(4 * change.numel() for change in changes)
-            load_flat(model, flat(model) + torch.stack(changes).mean(0))
+            with torch.no_grad():
+                vector_to_parameters(flat(model) + torch.stack(changes).mean(0), model.parameters())
             snapshots.append(flat(model))
         rows.append((round_index + 1, uploaded))
     map_bytes = 5 * sum(p.numel() for p in model[:4].parameters()) if projection is not None else 0

@@ -19,4 +19,4 @@ def test_unknown_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train"])
     assert exit_info.value.code == 2
-    assert "usage: cmd-optim {demo}" in capsys.readouterr().out
+    assert "usage: cmd-optim {demo,analyze}" in capsys.readouterr().out
