@@ -82,6 +82,7 @@ def register_cmd_hook(ddp_model: "torch.nn.parallel.DistributedDataParallel", op
     state = CMDHookState(cmd, process_group)
     state._index = {p: i for i, p in enumerate(cmd._tracked)}
     ddp_model.register_comm_hook(state, _cmd_hook)
+    cmd._hooked = True
     return state
 
 

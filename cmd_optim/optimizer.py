@@ -132,6 +132,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         self.embedding: GradualEmbedding | None = None
         self.switch_report: dict | None = None
         self._pending_mode_sums: dict[int, torch.Tensor] = {}  # from the DDP hook, by bucket
+        self._hooked = False  # set by cmd_optim.distributed.register_cmd_hook
 
     # ------------------------------------------------------------------ public view
     @property
@@ -236,6 +237,10 @@ class CMDOptimizer(torch.optim.Optimizer):
             sums = sum(self._pending_mode_sums[key].double() for key in sorted(self._pending_mode_sums))
             self._pending_mode_sums = {}
             mode_grads = sums.to(self._projection.device).float() / self._projection.direction_norms
+        elif self._hooked:  # projecting this rank's local gradients would let the ranks drift apart
+            raise RuntimeError(
+                "CMDOptimizer.step() found no mode gradient from the DDP hook: the last backward did not "
+                "synchronise (inside ddp.no_sync(), or not through the DDP-wrapped model)")
         else:
             mode_grads = self._projection.project([p.grad for p in self._tracked])
         if not _all_finite([mode_grads, *(p.grad for p in self._free)]):

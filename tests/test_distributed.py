@@ -156,3 +156,26 @@ def test_fsdp_sharded_parameters_are_refused(tmp_path):
             CMDOptimizer([sharded], warmup_steps=20, snapshot_every=5)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_step_without_a_synchronised_backward_is_an_error(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        data = datasets.digits(seed=0)
+        model, optimizer = model_and_optimizer()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        register_cmd_hook(ddp, optimizer)
+        for step in range(WARMUP + 2):
+            x, y = batch(step, data)
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert optimizer.phase == "reduced"
+        before = [p.detach().clone() for p in model.parameters()]
+        with ddp.no_sync():
+            nn.functional.cross_entropy(ddp(x), y).backward()
+        with pytest.raises(RuntimeError, match="no mode gradient from the DDP hook"):
+            optimizer.step()
+        assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    finally:
+        dist.destroy_process_group()
