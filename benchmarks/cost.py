@@ -27,7 +27,7 @@ from .step_cost import measure, mlp_shapes
 
 
 def _mlp(params: int) -> nn.Module:
-    width = int((params / 2) ** 0.5)
+    width = mlp_shapes(params)[0][0]
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
 

@@ -23,6 +23,7 @@ from cmd_optim import CMDOptimizer
 from cmd_optim.distributed import register_cmd_hook
 
 from .report import machine, write_section
+from .step_cost import mlp_shapes
 
 
 class _Count:
@@ -41,7 +42,7 @@ def _counting_allreduce(state: _Count, bucket: dist.GradBucket) -> torch.futures
 def _worker(rank, world, folder, params, steps, method):
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous-{method}", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    width = int((params / 2) ** 0.5)
+    width = mlp_shapes(params)[0][0]
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
     ddp = nn.parallel.DistributedDataParallel(model)

@@ -263,10 +263,9 @@ def dldr(run: Run, kind: str, lr: float = 1.0) -> dict:
             optimizer.step(run.loss_fn(index))
 
     run.train(step, start=task.warmup)
-    n = sum(p.numel() for p in run.params)
     state = subspace.basis.numel() * 4 + subspace.origin.numel() * 4
     return dict(test_acc=run.accuracy(), trainable_dims=subspace.dims, optimizer_bytes=state,
-                floats_per_step=subspace.dims if n else 0)
+                floats_per_step=subspace.dims)
 
 
 METHODS = {

@@ -236,7 +236,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         if self._pending_mode_sums:
             sums = sum(self._pending_mode_sums[key].double() for key in sorted(self._pending_mode_sums))
             self._pending_mode_sums = {}
-            mode_grads = sums.to(self._projection.device).float() / self._projection.direction_norms
+            mode_grads = self._projection.from_sums(sums)
         elif self._hooked:  # projecting this rank's local gradients would let the ranks drift apart
             raise RuntimeError(
                 "CMDOptimizer.step() found no mode gradient from the DDP hook: the last backward did not "

@@ -98,7 +98,11 @@ class ModeProjection:
 
     def project(self, grads) -> torch.Tensor:
         """Mode gradients (num_groups, M): ``sum_i u_i g_i / sum_i u_i^2`` over each group's modes."""
-        return self.mode_sums(grads).float() / self.direction_norms
+        return self.from_sums(self.mode_sums(grads))
+
+    def from_sums(self, sums: torch.Tensor) -> torch.Tensor:
+        """Mode gradients (num_groups, M) from their numerators (:meth:`mode_sums`, summed over parts or ranks)."""
+        return sums.to(self.device).float() / self.direction_norms
 
     def mode_sums(self, grads) -> torch.Tensor:
         """The numerators of :meth:`project`, (num_groups, M) float64: ``sum_i u_i g_i``.
@@ -107,13 +111,12 @@ class ModeProjection:
         the gradients, so sums over parts of the parameters (a DDP bucket) or over ranks add up.
         """
         grads = [None if g is None else g.reshape(-1) for g in grads]
+        slices = [s for s in self._slices if grads[s[0]] is not None]  # a DDP bucket holds a few tensors
 
         def work(worker: int) -> torch.Tensor:
             out = torch.zeros(self.num_groups, self.num_modes, dtype=torch.float64, device=self.device)
             values, index = self._scratch(worker)
-            for tensor, start, end in self._slices[worker::self._workers]:
-                if grads[tensor] is None:
-                    continue
+            for tensor, start, end in slices[worker::self._workers]:
                 u, bins = self._flat_coefficients[tensor][start:end], self._flat_bins[tensor][start:end]
                 product = torch.mul(u, grads[tensor][start:end], out=values[: end - start])
                 out[self.groups[tensor]] += self._sum_by_bin(product, bins, index)
