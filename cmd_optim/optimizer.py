@@ -258,7 +258,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         """
         current = torch.stack([psi.detach() for psi in self._psi])
         delta = current - self._applied
-        limited = torch.maximum(torch.minimum(delta, self.speed_limit), -self.speed_limit)
+        limited = torch.clamp(delta, -self.speed_limit, self.speed_limit)
         if not torch.equal(limited, delta):
             self.limited_steps += 1
             for psi, row in zip(self._psi, self._applied + limited):
@@ -514,5 +514,8 @@ def _tensor_bytes(tree) -> int:
 
 
 def _all_finite(tensors) -> bool:
-    checks = [torch.isfinite(t).all() for t in tensors if t is not None]
-    return bool(torch.stack([c.to(checks[0].device) for c in checks]).all()) if checks else True
+    tensors = [t for t in tensors if t is not None]
+    if len(tensors) <= 1:
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+    checks = [torch.isfinite(t).all() for t in tensors]
+    return bool(torch.stack([c.to(checks[0].device) for c in checks]).all())

@@ -7,12 +7,18 @@ clipped to ``[-max_coefficient, max_coefficient]`` (members whose reference bare
 otherwise get slopes in the thousands). Each parameter group has its own M mode coefficients, so
 per-group hyperparameters keep their meaning.
 
-Per parameter the map stores ``u`` (float32) and its mode's histogram bin (uint8): 5 bytes.
+Per parameter the map stores ``u`` (float32) and its mode's histogram bin (uint8): 5 bytes. They are
+kept in flat blocks: a large parameter has its own block, worked on in slices of ``CHUNK`` elements;
+small parameters of one group and device share a block, so that a model of many small tensors costs a
+few kernels per step rather than a few per tensor.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 
 import torch
 
@@ -20,12 +26,31 @@ from .decomposition import Decomposition
 
 #: Largest |u| (slopes relative to their mode's RMS slope) a parameter may keep.
 MAX_COEFFICIENT = 10.0
-#: Elements per slice in ``project`` and ``apply`` (each worker thread has 2 scratch buffers of this size, 2 MiB).
+#: Elements per work item in ``mode_sums`` and ``apply`` (each worker thread has 2 scratch buffers of
+#: this size, 2 MiB).
 CHUNK = 1 << 18
-#: Below this many slices (1M elements) one thread does the work: handing out costs more.
-PARALLEL_SLICES = 4
+#: Parameters with fewer elements than this are packed into shared blocks of at most ``CHUNK``.
+PACK_BELOW = CHUNK // 4
+#: Below this many elements one thread does the work. Measured after a backward pass on 2 cores, the
+#: split loses below about 8M (OpenMP's threads still spin from the backward and take the second core's
+#: time) and wins above (25M: 38 against 50 ms).
+PARALLEL_ELEMENTS = 1 << 23
 #: Interleaved histogram bins per mode (fewer when M > 32, so that the bin fits in a byte).
 LANES = 8
+
+
+@dataclass
+class _Block:
+    """Slopes and bins of consecutive projected parameters of one group and device, stored flat.
+
+    ``members`` are the parameters' indices, ``sizes`` their element counts (in block order).
+    """
+
+    u: torch.Tensor  # (n,) float32
+    bins: torch.Tensor  # (n,) uint8
+    group: int
+    members: list[int]
+    sizes: list[int]
 
 
 class ModeProjection:
@@ -40,33 +65,60 @@ class ModeProjection:
     """
 
     def __init__(self, coefficients, modes, groups, num_modes, num_groups):
-        self.coefficients = list(coefficients)
+        coefficients, modes = list(coefficients), list(modes)
         self.groups = list(groups)
         self.num_modes = num_modes
         self.num_groups = num_groups
         # Squared norm of each (group, mode) direction: dividing by it makes the mode step the
         # least-squares projection of the full step, whatever the scale of u.
         norms = torch.zeros(num_groups, num_modes, dtype=torch.float64)
-        for u, mode, group in zip(self.coefficients, modes, self.groups):
+        for u, mode, group in zip(coefficients, modes, self.groups):
             norms[group] += torch.zeros(num_modes, dtype=torch.float64).index_add_(
                 0, mode.reshape(-1).long().cpu(), u.reshape(-1).double().square().cpu())
         self.active = norms > 0  # (group, mode) pairs that move some parameter
+        self.device = coefficients[0].device if coefficients else torch.device("cpu")
         self.direction_norms = norms.float().clamp_min(torch.finfo(torch.float32).tiny).to(self.device)
-        # Each parameter keeps one byte: its histogram bin, mode * lanes + (flat index % lanes). Spreading
-        # a mode over interleaved bins keeps runs of one mode (whole rows usually share one) from
-        # serialising the histogram in ``project`` on a single bin.
+        # Each parameter keeps one byte: its histogram bin, mode * lanes + (position in its block % lanes).
+        # Spreading a mode over interleaved bins keeps runs of one mode (whole rows usually share one)
+        # from serialising the histogram in ``mode_sums`` on a single bin.
         self.lanes = max(1, min(LANES, 256 // num_modes))
-        self.bins = [(mode.reshape(-1) * self.lanes + _lanes(mode.numel(), self.lanes, mode.device)).view_as(mode)
-                     for mode in modes]
-        self._flat_coefficients = [u.view(-1) for u in self.coefficients]
-        self._flat_bins = [b.view(-1) for b in self.bins]
-        self._slices = [(tensor, start, min(start + CHUNK, u.numel()))
-                        for tensor, u in enumerate(self._flat_coefficients) for start in range(0, u.numel(), CHUNK)]
-        # Serial kernels (the histogram, the gather) share the CPU cores through a thread pool; on an
-        # accelerator one thread queues everything.
-        parallel = self.device.type == "cpu" and len(self._slices) >= PARALLEL_SLICES
-        self._workers = max(1, min(torch.get_num_threads(), len(self._slices))) if parallel else 1
+        self._blocks = [self._block(members, coefficients, modes) for members in self._packing(coefficients)]
+        self.coefficients, self.bins = [None] * len(coefficients), [None] * len(coefficients)
+        for block in self._blocks:  # per-parameter views, shaped like the parameters
+            for index, u, bins in zip(block.members, block.u.split(block.sizes), block.bins.split(block.sizes)):
+                self.coefficients[index] = u.view_as(coefficients[index])
+                self.bins[index] = bins.view_as(coefficients[index])
+        self._items = [(block, start, min(start + CHUNK, len(block.u)))
+                       for block in self._blocks for start in range(0, len(block.u), CHUNK)]
+        # Serial kernels (the histogram, the gather) share the CPU cores: the calling thread and a pool,
+        # each single-threaded; on an accelerator one thread queues everything.
+        total = sum(u.numel() for u in coefficients)
+        parallel = self.device.type == "cpu" and total >= PARALLEL_ELEMENTS
+        self._workers = max(1, min(torch.get_num_threads(), len(self._items))) if parallel else 1
         self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def _packing(self, coefficients) -> list[list[int]]:
+        """Parameter indices per block: a large parameter alone, runs of small ones (one group and
+        device) up to ``CHUNK`` elements together."""
+        blocks, pack, packed, key = [], [], 0, None
+        for index, u in enumerate(coefficients):
+            n = u.numel()
+            if n >= PACK_BELOW:
+                blocks.append([index])
+                continue
+            if pack and ((self.groups[index], u.device) != key or packed + n > CHUNK):
+                blocks.append(pack)
+                pack, packed = [], 0
+            pack.append(index)
+            packed += n
+            key = (self.groups[index], u.device)
+        return blocks + [pack] if pack else blocks
+
+    def _block(self, members, coefficients, modes) -> _Block:
+        u = torch.cat([coefficients[i].reshape(-1).float() for i in members])
+        mode = torch.cat([modes[i].reshape(-1) for i in members]).to(u.device, torch.uint8)
+        bins = mode * self.lanes + _lanes(len(mode), self.lanes, u.device)
+        return _Block(u, bins, self.groups[members[0]], members, [coefficients[i].numel() for i in members])
 
     @classmethod
     def from_decomposition(cls, d: Decomposition, params, groups, num_groups, max_coefficient=MAX_COEFFICIENT):
@@ -111,18 +163,26 @@ class ModeProjection:
         the gradients, so sums over parts of the parameters (a DDP bucket) or over ranks add up.
         """
         grads = [None if g is None else g.reshape(-1) for g in grads]
-        slices = [s for s in self._slices if grads[s[0]] is not None]  # a DDP bucket holds a few tensors
+        items = self._items
+        if any(g is None for g in grads):  # a DDP bucket holds a few parameters
+            items = [item for item in items if any(grads[i] is not None for i in item[0].members)]
 
         def work(worker: int) -> torch.Tensor:
-            out = torch.zeros(self.num_groups, self.num_modes, dtype=torch.float64, device=self.device)
+            sums = torch.zeros(self.num_groups, self.num_modes * self.lanes, dtype=torch.float64, device=self.device)
             values, index = self._scratch(worker)
-            for tensor, start, end in slices[worker::self._workers]:
-                u, bins = self._flat_coefficients[tensor][start:end], self._flat_bins[tensor][start:end]
-                product = torch.mul(u, grads[tensor][start:end], out=values[: end - start])
-                out[self.groups[tensor]] += self._sum_by_bin(product, bins, index)
-            return out
+            for block, start, end in items[worker::self._workers]:
+                product = values[: end - start]
+                if len(block.members) == 1:
+                    torch.mul(block.u[start:end], grads[block.members[0]][start:end], out=product)
+                else:
+                    _gather_grads([grads[i] for i in block.members], block.sizes, product)
+                    product.mul_(block.u)
+                sums[block.group].add_(self._sum_by_bin(product, block.bins[start:end], index))
+            return sums
 
-        return sum(self._run(work))
+        shares = self._run(work)
+        sums = shares[0] if len(shares) == 1 else torch.stack(shares).sum(0)
+        return sums.view(self.num_groups, self.num_modes, self.lanes).sum(2)
 
     def apply(self, params, delta: torch.Tensor) -> None:
         """Move each parameter by ``u * delta[group, mode]``; ``delta`` is (num_groups, M).
@@ -134,28 +194,31 @@ class ModeProjection:
 
         def work(worker: int) -> None:
             values, index = self._scratch(worker)
-            for tensor, start, end in self._slices[worker::self._workers]:
-                if flat[tensor] is None:
+            for block, start, end in self._items[worker::self._workers]:
+                targets = [flat[i] for i in block.members]
+                if all(t is None for t in targets):
                     continue
-                bins = index[: end - start].copy_(self._flat_bins[tensor][start:end])
-                step = torch.index_select(table[self.groups[tensor]], 0, bins, out=values[: end - start])
-                flat[tensor][start:end].addcmul_(step, self._flat_coefficients[tensor][start:end])
+                bins = index[: end - start].copy_(block.bins[start:end])
+                step = torch.index_select(table[block.group], 0, bins, out=values[: end - start])
+                if len(targets) == 1:
+                    targets[0][start:end].addcmul_(step, block.u[start:end])
+                    continue
+                pieces = step.mul_(block.u).split(block.sizes)
+                torch._foreach_add_(*zip(*[(t, s) for t, s in zip(targets, pieces) if t is not None]))
 
         self._run(work)
 
     def _sum_by_bin(self, values: torch.Tensor, bins: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """(M,) float64 sums of ``values`` per mode; ``index`` is int32 scratch space.
+        """(M * lanes,) sums of ``values`` per histogram bin; ``index`` is int32 scratch space.
 
         On the CPU a histogram (``bincount``); on an accelerator ``bincount`` would synchronise with the
         host, so atomics are used instead.
         """
         size = self.num_modes * self.lanes
         if values.device.type == "cpu":
-            sums = torch.bincount(bins, weights=values, minlength=size)
-        else:
-            sums = torch.zeros(size, dtype=torch.float64, device=values.device).index_add_(
-                0, index[: len(bins)].copy_(bins), values.double())
-        return sums.view(self.num_modes, self.lanes).sum(1)
+            return torch.bincount(bins, weights=values, minlength=size)
+        return torch.zeros(size, dtype=torch.float64, device=values.device).index_add_(
+            0, index[: len(bins)].copy_(bins), values.double())
 
     def _scratch(self, worker: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-worker float32 and int32 buffers of ``CHUNK`` elements, made on first use."""
@@ -165,19 +228,21 @@ class ModeProjection:
         return self._buffers[worker]
 
     def _run(self, work) -> list:
-        """``work(worker)`` for every worker; each owns the slices ``worker::workers``, so the result
-        does not depend on thread timing."""
+        """``work(worker)`` for every worker: worker 0 on the calling thread, the others on the pool.
+        Each owns the items ``worker::workers``, so the result does not depend on thread timing."""
         def no_grad_work(worker: int):
             with torch.no_grad():  # grad mode is thread-local
                 return work(worker)
 
         if self._workers == 1:
             return [no_grad_work(0)]
-        return list(_pool(self._workers).map(no_grad_work, range(self._workers)))
-
-    @property
-    def device(self) -> torch.device:
-        return self.coefficients[0].device if self.coefficients else torch.device("cpu")
+        others = [_pool(self._workers - 1).submit(no_grad_work, worker) for worker in range(1, self._workers)]
+        try:
+            with _single_threaded():
+                first = no_grad_work(0)
+        finally:
+            wait(others)  # never return (or raise) while a worker still writes
+        return [first, *(future.result() for future in others)]
 
     @property
     def modes(self) -> list[torch.Tensor]:
@@ -195,12 +260,61 @@ class ModeProjection:
         return cls(coefficients, modes, state["groups"], state["num_modes"], state["num_groups"])
 
 
+def _gather_grads(grads, sizes, out: torch.Tensor) -> None:
+    """Concatenate the flat ``grads`` of a block into ``out``, zeros where a gradient is None."""
+    if all(g is not None for g in grads):
+        torch.cat(grads, out=out)
+        return
+    for g, piece in zip(grads, out.split(sizes)):
+        if g is None:
+            piece.zero_()
+        else:
+            piece.copy_(g)
+
+
 def _lanes(n: int, lanes: int, device: torch.device) -> torch.Tensor:
     """uint8 ``[0, 1, ..., lanes - 1, 0, 1, ...]`` of length ``n``."""
     return (torch.arange(n, dtype=torch.int32, device=device) % lanes).to(torch.uint8)
 
 
+@contextlib.contextmanager
+def _single_threaded():
+    """No intra-op parallelism on this thread while its share of the work runs beside the pool's.
+
+    Only under OpenMP, where the setting belongs to the calling thread; other backends would warn.
+    """
+    if not torch.backends.openmp.is_available():
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @functools.lru_cache(maxsize=None)
 def _pool(workers: int) -> ThreadPoolExecutor:
-    """A process-wide pool; torch kernels release the GIL, so the workers run in parallel."""
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmd-optim")
+    """A process-wide pool of single-threaded workers; torch kernels release the GIL, so they run in parallel.
+
+    Under OpenMP each worker limits its own intra-op parallelism to one thread: otherwise every kernel
+    it runs would start an OpenMP team of its own and the teams would fight over the cores. The limit
+    is per thread, but setting it also changes the process-wide value that new threads start from, so
+    the caller's value is set again once every worker has started.
+    """
+    if not torch.backends.openmp.is_available():
+        return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmd-optim")
+
+    def single_threaded() -> None:
+        torch.get_num_threads()  # this thread's own initialisation first, so that the limit sticks
+        torch.set_num_threads(1)
+
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cmd-optim", initializer=single_threaded)
+    started = threading.Barrier(workers + 1)  # every worker blocks in it, so all of them start now
+    for _ in range(workers):
+        pool.submit(started.wait)
+    started.wait()
+    torch.set_num_threads(threads)
+    return pool
