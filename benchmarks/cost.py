@@ -1,17 +1,19 @@
 """Cost suite: what CMD costs per step and in memory against the base optimizers, from 1M to 100M parameters.
 
-    python -m benchmarks.cost [--sizes 1000000 10000000 100000000] [--repeats 10] [--no-write]
+    python -m benchmarks.cost [--sizes 1000000 10000000 100000000] [--repeats 10] [--device cpu|cuda] [--no-write]
 
 For each size (a two-layer MLP of that many parameters): the reduced-phase ``step()`` over the base
 optimizers' own (SGD with momentum, AdamW), gradients given; a whole training step (forward,
 backward, step on a batch of 64) of CMD(AdamW) over AdamW; ``decompose()`` against the NumPy reference
 (20 snapshots, up to 10M parameters: the NumPy version needs ~270 bytes per parameter). Then the memory
 the optimizers hold, measured on the optimizer objects at 10M parameters. All ratios come from
-interleaved rounds in one process. Writes the "cost" section of docs/benchmarks.md and a PNG plot.
+interleaved rounds (in a shuffled order) in one process. Writes the "cost" section of docs/benchmarks.md
+("cost-cuda" on a GPU) and a PNG plot.
 """
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import time
 
@@ -23,7 +25,7 @@ from cmd_optim import CMDOptimizer, optimizer_state_bytes
 from . import decompose as decompose_benchmark
 from .quality import IMAGES
 from .report import machine, write_section
-from .step_cost import measure, mlp_shapes
+from .step_cost import _timed, measure, mlp_shapes
 
 
 def _mlp(params: int) -> nn.Module:
@@ -32,13 +34,14 @@ def _mlp(params: int) -> nn.Module:
     return nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
 
 
-def training_step_ratio(params: int, repeats: int) -> float:
+def training_step_ratio(params: int, repeats: int, device="cpu") -> float:
     """Median (forward + backward + step) time of CMD(AdamW) in the reduced phase over AdamW's."""
+    device = torch.device(device)
     runs = []
     for reduced in (False, True):
-        model = _mlp(params)
+        model = _mlp(params).to(device)
         width = model[0].in_features
-        x, y = torch.randn(64, width), torch.randn(64, width)
+        x, y = torch.randn(64, width, device=device), torch.randn(64, width, device=device)
         if reduced:
             optimizer = CMDOptimizer(model, base=torch.optim.AdamW, modes=10, warmup_steps=2, snapshot_every=1, lr=1e-4)
         else:
@@ -53,11 +56,12 @@ def training_step_ratio(params: int, repeats: int) -> float:
         for _ in range(3):  # reaches the reduced phase; allocates state
             step()
         runs.append((step, []))
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for step, times in runs:
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
+        order = list(runs)
+        shuffle(order)
+        for step, times in order:
+            times.append(_timed(step, device))
     return statistics.median(runs[1][1]) / statistics.median(runs[0][1])
 
 
@@ -96,36 +100,41 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000, 100_000_000])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--memory-size", type=int, default=10_000_000)
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
     step_rows, plot_points = [], []
     for size in args.sizes:
-        num_params, rows = measure(mlp_shapes(size), args.repeats)
+        num_params, rows = measure(mlp_shapes(size), args.repeats, args.device)
         ratio = {name: r for name, _, r, _ in rows}
         times = {name: s for name, s, _, _ in rows}
         over_sgd = times["CMD(SGD momentum), reduced"] / times["SGD momentum"]
         over_adamw = ratio["CMD(AdamW), reduced"]
-        whole = training_step_ratio(size, args.repeats)
+        whole = training_step_ratio(size, args.repeats, args.device)
         numpy_ratio = ""
         if size <= 10_000_000:
             results = decompose_benchmark.compare(size, 20, 3)
-            numpy_ratio = f"{results['numpy']['seconds'] / results['torch-cpu']['seconds']:.2f}x"
+            ours = results.get(f"torch-{torch.device(args.device).type}", results["torch-cpu"])
+            numpy_ratio = f"{results['numpy']['seconds'] / ours['seconds']:.2f}x"
         step_rows.append(f"| {num_params:,} | {times['AdamW'] * 1e3:.1f} | {over_sgd:.2f} | {over_adamw:.2f} | "
                          f"{whole:.2f} | {numpy_ratio or 'not run'} |")
         plot_points.append((num_params, over_sgd, over_adamw, whole))
         print(step_rows[-1], flush=True)
     memory = memory_rows(args.memory_size)
-    images = _plot(plot_points)
+    device = torch.device(args.device).type
+    suffix = "" if device == "cpu" else f"-{device}"
+    images = _plot(plot_points, f"cost_ratios{suffix.replace('-', '_')}.png")
     sizes = " ".join(str(s) for s in args.sizes)
-    body = f"""## Cost: step time and memory from 1M to 100M parameters
+    body = f"""## Cost: step time and memory from 1M to 100M parameters{" (GPU)" if suffix else ""}
 
-Two-layer MLPs (float32). Step ratios: median of {args.repeats} interleaved rounds, gradients given;
-"whole step" is forward + backward + step on a batch of 64, CMD(AdamW) reduced over AdamW. decompose():
-20 snapshots, M = 10, K = 1000, speed-up of cmd-optim over the NumPy reference (each in its own process).
+Two-layer MLPs (float32) on {args.device}. Step ratios: median of {args.repeats} rounds in a shuffled
+order, gradients given; "whole step" is forward + backward + step on a batch of 64, CMD(AdamW) reduced
+over AdamW. decompose(): 20 snapshots, M = 10, K = 1000, speed-up of cmd-optim over the NumPy
+reference (each in its own process).
 
 Machine: {machine()}.
-Command: `python -m benchmarks.cost --sizes {sizes} --repeats {args.repeats}`
+Command: `python -m benchmarks.cost --sizes {sizes} --repeats {args.repeats}{f" --device {args.device}" if suffix else ""}`
 
 | parameters | AdamW step (ms) | CMD(SGD) step / SGD step | CMD(AdamW) step / AdamW step | whole training step, CMD / AdamW | decompose() speed-up over NumPy |
 |---|---|---|---|---|---|
@@ -142,10 +151,10 @@ model's own weights and gradients are not counted):
 """
     print(body)
     if not args.no_write:
-        write_section("cost", body)
+        write_section(f"cost{suffix}", body)
 
 
-def _plot(points) -> list[str]:
+def _plot(points, name: str) -> list[str]:
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -162,9 +171,9 @@ def _plot(points) -> list[str]:
     ax.set(xscale="log", xlabel="parameters", ylabel="time ratio (lower is cheaper)", title="Reduced-phase cost")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(IMAGES / "cost_ratios.png", dpi=110)
+    fig.savefig(IMAGES / name, dpi=110)
     plt.close(fig)
-    return ["cost_ratios.png"]
+    return [name]
 
 
 if __name__ == "__main__":
