@@ -59,3 +59,15 @@ def test_cifar10_script_runs_on_fake_data():
                                      "--warmup-epochs", "2", "--device", "cpu"])
     assert [r["method"] for r in records] == ["SGD", "CMD(SGD)"]
     assert records[1]["trainable_dims"] <= 10 and 0 <= records[1]["test_acc"] <= 1
+
+
+def test_step_cost_measures_every_optimizer_against_adamw():
+    from benchmarks import step_cost
+
+    num_params, rows = step_cost.measure(step_cost.digits_shapes(hidden=16), repeats=3)
+    assert num_params == 16 * 64 + 16 + 16 * 16 + 16 + 10 * 16 + 10
+    by_name = {name: (seconds, ratio, state) for name, seconds, ratio, state in rows}
+    assert list(by_name) == list(step_cost.CONTENDERS)
+    assert by_name["AdamW"][1] == 1.0 and 8.0 <= by_name["AdamW"][2] < 8.1  # two moments, the step counts
+    for name in ("CMD(SGD momentum), reduced", "CMD(AdamW), reduced"):  # the projection, the mode state
+        assert by_name[name][0] > 0 and 5.0 <= by_name[name][2] < 5.2
