@@ -13,9 +13,6 @@ interleaved rounds (in a shuffled order) in one process. Writes the "cost" secti
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -25,7 +22,7 @@ from cmd_optim import CMDOptimizer, optimizer_state_bytes
 from . import decompose as decompose_benchmark
 from .quality import IMAGES
 from .report import machine, write_section
-from .step_cost import _timed, measure, mlp_shapes
+from .step_cost import measure, mlp_shapes, shuffled_medians
 
 
 def _mlp(params: int) -> nn.Module:
@@ -37,7 +34,7 @@ def _mlp(params: int) -> nn.Module:
 def training_step_ratio(params: int, repeats: int, device="cpu") -> float:
     """Median (forward + backward + step) time of CMD(AdamW) in the reduced phase over AdamW's."""
     device = torch.device(device)
-    runs = []
+    steps = []
     for reduced in (False, True):
         model = _mlp(params).to(device)
         width = model[0].in_features
@@ -55,14 +52,9 @@ def training_step_ratio(params: int, repeats: int, device="cpu") -> float:
 
         for _ in range(3):  # reaches the reduced phase; allocates state
             step()
-        runs.append((step, []))
-    shuffle = random.Random(0).shuffle
-    for _ in range(repeats):
-        order = list(runs)
-        shuffle(order)
-        for step, times in order:
-            times.append(_timed(step, device))
-    return statistics.median(runs[1][1]) / statistics.median(runs[0][1])
+        steps.append(step)
+    medians = shuffled_medians(dict(zip(("AdamW", "CMD(AdamW)"), steps)), repeats, device)
+    return medians["CMD(AdamW)"] / medians["AdamW"]
 
 
 def memory_rows(params: int) -> list[str]:

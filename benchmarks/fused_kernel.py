@@ -12,14 +12,11 @@ optimizer, the checks). Writes the "fused" section of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
 
 import torch
 
 from .report import machine, write_section
-from .step_cost import _fill_grads, _parameters, _reduced, mlp_shapes
+from .step_cost import _fill_grads, _parameters, _reduced, mlp_shapes, shuffled_medians
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -93,18 +90,8 @@ def measure(params: int, repeats: int, kernels) -> dict[str, float]:
         for block in projection._blocks:
             kernels.apply(cmd_params[block.members[0]].view(-1), block.u, block.bins, table)
 
-    runs = {"AdamW": (adamw.step, []), "CMDOptimizer.step()": (cmd.step, []), "fused kernels": (fused, [])}
-    order = list(runs)
-    shuffle = random.Random(0).shuffle
-    for _ in range(repeats):
-        shuffle(order)
-        for name in order:
-            function, times = runs[name]
-            start = time.perf_counter()
-            function()
-            times.append(time.perf_counter() - start)
-    adamw_seconds = statistics.median(runs["AdamW"][1])
-    return {name: statistics.median(times) / adamw_seconds for name, (_, times) in runs.items()}
+    medians = shuffled_medians({"AdamW": adamw.step, "CMDOptimizer.step()": cmd.step, "fused kernels": fused}, repeats)
+    return {name: seconds / medians["AdamW"] for name, seconds in medians.items()}
 
 
 def main() -> None:

@@ -82,22 +82,25 @@ def measure(shapes, repeats: int, device="cpu") -> tuple[int, list[tuple[str, fl
         optimizer = build(params)
         _fill_grads(params, 7)
         optimizer.step()  # the first step allocates the state
-        runs[name] = (optimizer, [])
+        runs[name] = optimizer
     num_params = sum(torch.Size(s).numel() for s in shapes)
-    order = list(runs)
+    medians = shuffled_medians({name: optimizer.step for name, optimizer in runs.items()}, repeats, device)
+    return num_params, [(name, medians[name], medians[name] / medians["AdamW"], optimizer_state_bytes(optimizer) / num_params)
+                        for name, optimizer in runs.items()]
+
+
+def shuffled_medians(functions: dict, repeats: int, device="cpu") -> dict[str, float]:
+    """Median seconds of each function over ``repeats`` rounds, called in a shuffled (seeded) order
+    every round, so that none always finds the caches as the same other one left them."""
+    device = torch.device(device)
+    times = {name: [] for name in functions}
+    order = list(functions)
     shuffle = random.Random(0).shuffle
     for _ in range(repeats):
         shuffle(order)
         for name in order:
-            optimizer, times = runs[name]
-            times.append(_timed(optimizer.step, device))
-    adamw = statistics.median(runs["AdamW"][1])
-    rows = []
-    for name, (optimizer, times) in runs.items():
-        seconds = statistics.median(times)
-        state = optimizer_state_bytes(optimizer)
-        rows.append((name, seconds, seconds / adamw, state / num_params))
-    return num_params, rows
+            times[name].append(_timed(functions[name], device))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _timed(function, device: torch.device) -> float:
