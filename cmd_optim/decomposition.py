@@ -203,38 +203,49 @@ def decompose(
     sampled_columns = trajectory[:, sampled].to(dtype)
     if not torch.isfinite(sampled_columns).all():
         _raise_non_finite(trajectory, slice(0, num_params))
-    corr, constant = abs_correlation(sampled_columns)
+    corr, constant = abs_correlation(sampled_columns, resolution=torch.finfo(trajectory.dtype).eps)
     references = sampled[cluster_references(corr, constant, modes).to(device)]
 
+    # The profiles' statistics in float64 (M x T numbers): a float32 mean leaves centred rows that do not
+    # sum to zero, and for a reference that barely moves that rounding would dominate its co-moments.
     profiles = trajectory[:, references].to(dtype).T.contiguous()
-    profile_mean = profiles.mean(dim=1)
-    centered = profiles - profile_mean[:, None]
+    exact = profiles.double()
+    profile_mean = exact.mean(dim=1)
+    centered = exact - profile_mean[:, None]
     profile_m2 = centered.square().sum(dim=1)
     profile_std = profile_m2.sqrt()
     # One product per chunk gives every column's co-moment with every profile, divided by the profile's
     # std (for a fixed column, |corr| is proportional to that), and, in the last row, the column sums.
-    weights = torch.cat([centered / torch.where(profile_std > 0, profile_std, 1)[:, None], torch.ones_like(centered[:1])])
+    # Columns are shifted by their first value first, so that what rounding leaves in the centred rows
+    # multiplies a column's movement, not its magnitude.
+    weights = torch.cat([centered / torch.where(profile_std > 0, profile_std, 1)[:, None],
+                         torch.ones_like(centered[:1])]).to(dtype)
+    scale = profile_std.to(dtype)
 
     assignment = torch.empty(num_params, dtype=torch.long, device=device)
     mean = torch.empty(num_params, dtype=dtype, device=device)
     comoment = torch.empty(num_params, dtype=dtype, device=device)
     for cols in _chunks(trajectory.shape):
         x = trajectory[:, cols].to(dtype)
-        stats = weights @ x  # (M + 1, chunk)
-        sums = stats[-1]
-        if not torch.isfinite(sums).all():
+        first = x[0]
+        shifted = x - first  # exact zeros for constant columns
+        stats = weights @ shifted  # (M + 1, chunk)
+        if not torch.isfinite(stats).all():
             _raise_non_finite(trajectory, cols)
         mode = stats[:-1].abs().max(dim=0).indices
-        # Constant columns get exactly a = 0 and b = their value, whatever the rounding of the sums.
-        constant = (x == x[0]).all(dim=0)
         scaled = stats[:-1].gather(0, mode[None]).squeeze(0)
         assignment[cols] = mode
-        comoment[cols] = torch.where(constant, 0, scaled * profile_std[mode])
-        mean[cols] = torch.where(constant, x[0], sums / num_snapshots)
+        comoment[cols] = scaled * scale[mode]
+        mean[cols] = first + stats[-1] / num_snapshots
+    if not (torch.isfinite(comoment).all() and torch.isfinite(profile_m2.to(dtype)).all()):
+        raise ValueError(
+            f"trajectory values are too large for {dtype} statistics (their squared deviations overflow); "
+            "pass the trajectory as float64")
     # A reference follows its own profile exactly (a = 1, b = 0), even if an identical column exists.
     assignment[references] = torch.arange(references.numel(), device=device)
-    comoment[references] = profile_m2
-    mean[references] = profile_mean
+    comoment[references] = profile_m2.to(dtype)
+    mean[references] = profile_mean.to(dtype)
+    profile_mean, profile_m2 = profile_mean.to(dtype), profile_m2.to(dtype)
     return Decomposition(assignment, references, profiles, mean, comoment, profile_mean, profile_m2)
 
 
@@ -292,4 +303,6 @@ def _raise_non_finite(trajectory: torch.Tensor, cols: slice) -> None:
                 f"trajectory has a non-finite value in column {cols.start + chunk.start + col} (snapshot {row}); "
                 "it is the first bad column"
             )
-    raise ValueError(f"trajectory values in columns {cols.start}..{cols.stop - 1} are too large: their sums overflow")
+    raise ValueError(
+        f"trajectory values in columns {cols.start}..{cols.stop - 1} are too large for float32 statistics "
+        "(their products overflow); pass the trajectory as float64")

@@ -256,3 +256,60 @@ def test_cuda_matches_cpu():
     assert torch.equal(cpu.assignment, gpu.assignment.cpu())
     torch.testing.assert_close(cpu.a, gpu.a.cpu(), rtol=1e-4, atol=1e-5)
     gpu.update(trajectory[-1].cuda())
+
+
+@pytest.fixture(scope="module")
+def digits_warmup():
+    """A real warm-up: the digits MLP, SGD 0.05 / 0.9, 300 steps, a snapshot every 10 (31 x 85,002)."""
+    from conftest import mlp
+
+    from cmd_optim import datasets
+
+    x, y, _, _ = datasets.digits(seed=0)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    snapshots = [torch.nn.utils.parameters_to_vector(model.parameters()).detach()]
+    for step in range(300):
+        index = torch.randint(0, len(x), (64,), generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x[index]), y[index]).backward()
+        optimizer.step()
+        if (step + 1) % 10 == 0:
+            snapshots.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach())
+    return torch.stack(snapshots), [p.numel() for p in model.parameters()]
+
+
+def test_more_modes_never_fit_a_real_warmup_worse(digits_warmup):
+    """References that barely move (a dead unit's weight stepping by a few float32 rounding steps) once
+    won the assignment of tens of thousands of columns: explained variance fell from 0.94 at 10 modes to
+    -17 at 250, with columns fitted far worse than by their own mean."""
+    trajectory, sizes = digits_warmup
+    variance = (trajectory - trajectory.mean(0)).double().square().sum(0)
+    explained = []
+    for modes in (10, 30, 100, 250):
+        d = decompose(trajectory, modes=modes, samples=1000, seed=0, layer_sizes=sizes)
+        residual = (trajectory - d.reconstruct()).double().square().sum(0)
+        assert int((residual > variance * (1 + 1e-3) + 1e-12).sum()) == 0, modes
+        explained.append(d.explained_variance(trajectory))
+    assert explained[0] > 0.9
+    assert all(later >= earlier - 1e-3 for earlier, later in zip(explained, explained[1:])), explained
+
+
+def test_barely_moving_columns_are_never_references():
+    trajectory, _, _ = planted(num_params=2000)
+    staircase = 1.0 + torch.arange(20.0)[:, None] * torch.finfo(torch.float32).eps * torch.ones(1, 500)
+    trajectory[:, :500] = staircase  # monotone, so it correlates with every monotone profile
+    d = decompose(trajectory, modes=4, samples=1000)
+    assert int(d.references.min()) >= 500
+    assert d.explained_variance(trajectory) > 0.999
+
+
+def test_values_near_the_float32_limit_give_a_finite_fit_or_a_clear_error():
+    t = torch.linspace(0, 1, 8)
+    trajectory = torch.stack([t * 1e20, 2 * t * 1e20 + 1, t * t * 1e20], 1)
+    with pytest.raises(ValueError, match="too large for torch.float32 statistics.*float64"):
+        decompose(trajectory, modes=2, samples=3)
+    d = decompose(trajectory.double(), modes=2, samples=3)
+    assert torch.isfinite(d.a).all() and torch.isfinite(d.b).all()
+    finite = decompose(trajectory / 1e15, modes=2, samples=3)  # large, but its squares fit in float32
+    assert torch.isfinite(finite.a).all() and finite.explained_variance(trajectory / 1e15) > 0.9
