@@ -15,7 +15,8 @@ import time
 import torch
 from torch import nn
 
-from cmd_optim import CMDOptimizer, optimizer_state_bytes
+from cmd_optim import CMDOptimizer
+from cmd_optim.optim import optimizer_state_bytes
 
 
 def loaders(args):
@@ -68,7 +69,7 @@ def run(method: str, args, train, test, device) -> dict:
         optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     else:
         optimizer = CMDOptimizer(model, base=torch.optim.SGD, modes=10, samples=1000, seed=args.seed,
-                                 warmup_steps=args.warmup_epochs * steps_per_epoch, snapshot_every=steps_per_epoch,
+                                 switch_after=args.warmup_epochs * steps_per_epoch, snapshot_every=steps_per_epoch,
                                  lr=args.lr, momentum=0.9)
     start = time.perf_counter()
     for _ in range(args.epochs):

@@ -17,7 +17,8 @@ import argparse
 import torch
 from torch import nn
 
-from cmd_optim import CMDOptimizer, optimizer_state_bytes
+from cmd_optim import CMDOptimizer
+from cmd_optim.optim import optimizer_state_bytes
 
 from . import decompose as decompose_benchmark
 from .quality import IMAGES
@@ -40,7 +41,7 @@ def training_step_ratio(params: int, repeats: int, device="cpu") -> float:
         width = model[0].in_features
         x, y = torch.randn(64, width, device=device), torch.randn(64, width, device=device)
         if reduced:
-            optimizer = CMDOptimizer(model, base=torch.optim.AdamW, modes=10, warmup_steps=2, snapshot_every=1, lr=1e-4)
+            optimizer = CMDOptimizer(model, base=torch.optim.AdamW, modes=10, switch_after=2, snapshot_every=1, lr=1e-4)
         else:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -75,12 +76,12 @@ def memory_rows(params: int) -> list[str]:
     rows.append(("AdamW", optimizer_state_bytes(adamw) / n))
     del adamw
     for dtype in (torch.float32, torch.float16):
-        cmd = CMDOptimizer(model, base=torch.optim.SGD, warmup_steps=300, snapshot_every=10, snapshot_dtype=dtype,
+        cmd = CMDOptimizer(model, base=torch.optim.SGD, switch_after=300, snapshot_every=10, snapshot_dtype=dtype,
                            lr=1e-5, momentum=0.9)
         step(cmd)
         rows.append((f"CMD(SGD momentum) warm-up, 31 snapshots in {str(dtype).split('.')[1]}", cmd.state_bytes / n))
         del cmd
-    cmd = CMDOptimizer(model, base=torch.optim.AdamW, warmup_steps=2, snapshot_every=1, lr=1e-5)
+    cmd = CMDOptimizer(model, base=torch.optim.AdamW, switch_after=2, snapshot_every=1, lr=1e-5)
     for _ in range(3):
         step(cmd)
     rows.append(("CMD(AdamW) reduced phase", cmd.state_bytes / n))

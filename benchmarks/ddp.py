@@ -4,7 +4,7 @@
 
 Each process trains a two-layer MLP on its share of a random global batch of 64. "Plain DDP" is SGD with
 momentum under DDP's own all-reduce; "CMD hook" is CMDOptimizer(SGD) in its reduced phase with
-``cmd_optim.distributed.register_cmd_hook``. Bytes are what one rank hands to all-reduce per step;
+``cmd_optim.integrations.ddp.register_cmd_hook``. Bytes are what one rank hands to all-reduce per step;
 times are the median of ``--steps`` whole steps (forward, backward with communication, step).
 Writes the "ddp" section of docs/benchmarks.md.
 """
@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cmd_optim import CMDOptimizer
-from cmd_optim.distributed import register_cmd_hook
+from cmd_optim.integrations.ddp import register_cmd_hook
 
 from .report import machine, write_section
 from .step_cost import mlp_shapes
@@ -47,7 +47,7 @@ def _worker(rank, world, folder, params, steps, method):
     model = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
     ddp = nn.parallel.DistributedDataParallel(model)
     if method == "cmd":
-        optimizer = CMDOptimizer(model, base=torch.optim.SGD, modes=10, warmup_steps=4, snapshot_every=2,
+        optimizer = CMDOptimizer(model, base=torch.optim.SGD, modes=10, switch_after=4, snapshot_every=2,
                                  lr=1e-3, momentum=0.9)
         state = register_cmd_hook(ddp, optimizer)
     else:

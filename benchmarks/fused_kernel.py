@@ -79,16 +79,16 @@ def measure(params: int, repeats: int, kernels) -> dict[str, float]:
     cmd = _reduced(cmd_params, torch.optim.SGD, lr=1e-3, momentum=0.9)
     _fill_grads(cmd_params, 7)
     cmd.step()
-    projection = cmd._projection
-    table = torch.zeros(projection.num_modes * projection.lanes)
+    packed = cmd._phase.map._packed  # a probe of the package's internal layout
+    table = torch.zeros(packed.num_modes * packed.lanes)
 
     @torch.no_grad()
     def fused():
-        for block in projection._blocks:  # the MLP's tensors each fill a block of their own
+        for block in packed.blocks:  # the MLP's tensors each fill a block of their own
             grad = cmd_params[block.members[0]].grad.view(-1)
-            kernels.mode_sums(block.u, grad, block.bins, len(table))
-        for block in projection._blocks:
-            kernels.apply(cmd_params[block.members[0]].view(-1), block.u, block.bins, table)
+            kernels.mode_sums(block.slopes, grad, block.bins, len(table))
+        for block in packed.blocks:
+            kernels.apply(cmd_params[block.members[0]].view(-1), block.slopes, block.bins, table)
 
     medians = shuffled_medians({"AdamW": adamw.step, "CMDOptimizer.step()": cmd.step, "fused kernels": fused}, repeats)
     return {name: seconds / medians["AdamW"] for name, seconds in medians.items()}

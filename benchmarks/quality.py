@@ -4,7 +4,7 @@
 
 Every method takes the same number of optimizer steps on the same batches; those with a warm-up share
 it. Methods: the base optimizer alone (SGD with momentum, AdamW); CMDOptimizer (10 modes) with each;
-``embed="gradual"``; the paper's Online CMD evaluation of the base run (``w = a r + b`` at the end);
+``reduction="gradual"``; the paper's Online CMD evaluation of the base run (``w = a r + b`` at the end);
 DLDR's P-SGD and P-BFGS (benchmarks/dldr.py: PCA of the warm-up to at most 40 directions); EMA and SWA
 of the base run (torch.optim.swa_utils). The base run is SGD on digits and MNIST-1D, AdamW for the
 MiniLM fine-tune (which runs a subset of the methods, with the new head kept free in CMD). ``--quick``:
@@ -26,9 +26,11 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from cmd_optim import CMDOptimizer, datasets, decompose, optimizer_state_bytes
-from cmd_optim.snapshots import SnapshotBuffer
+from cmd_optim import CMDOptimizer, decompose
+from cmd_optim.core import FlatLayout
+from cmd_optim.optim import optimizer_state_bytes
 
+from . import datasets
 from .dldr import PBFGS, PSGD, Subspace
 from .report import DOC, machine, write_section
 
@@ -173,11 +175,12 @@ def base(run: Run, kind: str) -> dict:
                 floats_per_step=n)
 
 
-def cmd(run: Run, kind: str, embed: str = "all") -> dict:
+def cmd(run: Run, kind: str, reduction: str = "modes") -> dict:
     task = run.task
     cls, kwargs = task.optimizer(kind)
-    optimizer = CMDOptimizer(run.model, base=cls, modes=10, warmup_steps=task.warmup, keep_free=task.keep_free,
-                             snapshot_every=task.snapshot_every, samples=1000, seed=run.seed, embed=embed, **kwargs)
+    optimizer = CMDOptimizer(run.model, base=cls, modes=10, switch_after=task.warmup, keep_free=task.keep_free,
+                             snapshot_every=task.snapshot_every, samples=1000, seed=run.seed, reduction=reduction,
+                             **kwargs)
     run.train(_optimizer_step(run, optimizer))
     return dict(test_acc=run.accuracy(), trainable_dims=optimizer.trainable_dims,
                 optimizer_bytes=optimizer.state_bytes, floats_per_step=optimizer.trainable_dims)
@@ -202,23 +205,24 @@ def averaged(run: Run, kind: str) -> dict:
                 optimizer_bytes=optimizer_state_bytes(optimizer) + 4 * n, floats_per_step=n)
 
 
-def _warmup_with_snapshots(run: Run) -> SnapshotBuffer:
+def _warmup_with_snapshots(run: Run) -> tuple[torch.Tensor, list[int], torch.optim.Optimizer]:
+    """The base run's warm-up: its (snapshots, N) trajectory, the layer sizes, and the optimizer."""
     task = run.task
     cls, kwargs = task.optimizer(task.reference)
     optimizer = cls(run.params, **kwargs)
-    snapshots = SnapshotBuffer(run.params, task.warmup // task.snapshot_every + 1)
-    snapshots.record()
+    layout = FlatLayout(run.params)
+    snapshots = [layout.flatten(run.params)]
     run.train(_optimizer_step(run, optimizer), stop=task.warmup,
-              after_step=lambda step: step % task.snapshot_every or snapshots.record())
-    return snapshots, optimizer
+              after_step=lambda step: step % task.snapshot_every or snapshots.append(layout.flatten(run.params)))
+    return torch.stack(snapshots), layout.sizes, optimizer
 
 
 def online_cmd(run: Run) -> dict:
     """The base run, evaluated as the Online CMD model ``w = a r + b`` (refit at every snapshot)."""
     task = run.task
-    snapshots, optimizer = _warmup_with_snapshots(run)
-    d = decompose(snapshots.trajectory(), modes=10, samples=1000, seed=run.seed, layer_sizes=snapshots.sizes)
-    snapshots.release()
+    trajectory, sizes, optimizer = _warmup_with_snapshots(run)
+    d = decompose(trajectory, modes=10, samples=1000, seed=run.seed, layer_sizes=sizes)
+    del trajectory
     flat = lambda: parameters_to_vector(run.params).detach()  # noqa: E731
     cmd_model = copy.deepcopy(run.model)
     run.errors = []
@@ -243,9 +247,9 @@ def online_cmd(run: Run) -> dict:
 
 def dldr(run: Run, kind: str, lr: float = 1.0) -> dict:
     task = run.task
-    snapshots, _ = _warmup_with_snapshots(run)
-    subspace = Subspace(run.params, snapshots.trajectory(), dims=40)
-    snapshots.release()
+    trajectory, _, _ = _warmup_with_snapshots(run)
+    subspace = Subspace(run.params, trajectory, dims=40)
+    del trajectory
     reduced_steps = task.steps - task.warmup
     if kind == "P-SGD":
         optimizer = PSGD(subspace, lr=lr, momentum=0.9)
@@ -273,7 +277,7 @@ METHODS = {
     "AdamW": lambda run: base(run, "AdamW"),
     "CMD(SGD)": lambda run: cmd(run, "SGD"),
     "CMD(AdamW)": lambda run: cmd(run, "AdamW"),
-    "CMD(base), gradual": lambda run: cmd(run, run.task.reference, embed="gradual"),
+    "CMD(base), gradual": lambda run: cmd(run, run.task.reference, reduction="gradual"),
     "Online CMD of the base run": online_cmd,
     "P-SGD": lambda run: dldr(run, "P-SGD"),
     "P-SGD, warm-up lr": lambda run: dldr(run, "P-SGD", lr=run.task.optimizer(run.task.reference)[1]["lr"]),

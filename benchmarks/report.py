@@ -34,3 +34,15 @@ def write_section(name: str, body: str, doc: Path = DOC) -> None:
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """Rows with ``method, accuracy, dims, seconds, state_bytes`` as an aligned text table."""
+    width = max(14, *(len(r["method"]) for r in rows))
+    lines = [f"{'method':<{width}} {'test acc':>8} {'trainable numbers':>18} {'time (s)':>9} {'optimizer state':>16}"]
+    for r in rows:
+        state = r["state_bytes"] / 1024
+        unit = "KiB" if state < 10 * 1024 else "MiB"
+        lines.append(f"{r['method']:<{width}} {r['accuracy']:>8.3f} {r['dims']:>18,} {r['seconds']:>9.2f} "
+                     f"{state if unit == 'KiB' else state / 1024:>12.1f} {unit}")
+    return "\n".join(lines)

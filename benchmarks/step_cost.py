@@ -20,7 +20,8 @@ import time
 import torch
 from torch import nn
 
-from cmd_optim import CMDOptimizer, optimizer_state_bytes
+from cmd_optim import CMDOptimizer
+from cmd_optim.optim import optimizer_state_bytes
 
 from .report import machine, write_section
 
@@ -56,7 +57,7 @@ def _fill_grads(params, seed: int) -> None:
 
 
 def _reduced(params, base, **kwargs) -> CMDOptimizer:
-    optimizer = CMDOptimizer(params, base=base, modes=10, warmup_steps=2, snapshot_every=1, **kwargs)
+    optimizer = CMDOptimizer(params, base=base, modes=10, switch_after=2, snapshot_every=1, **kwargs)
     for seed in range(2):
         _fill_grads(params, seed)
         optimizer.step()

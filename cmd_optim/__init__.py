@@ -1,6 +1,11 @@
-"""cmd-optim: Correlation Mode Decomposition (CMD) of neural-network training."""
-from .decomposition import Decomposition, decompose
-from .optimizer import CMDOptimizer, optimizer_state_bytes
+"""cmd-optim: Correlation Mode Decomposition (CMD) of neural-network training.
 
-__all__ = ["CMDOptimizer", "Decomposition", "decompose", "optimizer_state_bytes"]
-__version__ = "0.1.0.dev0"
+Layers (each imports only those to its left): ``core`` (the math) <- ``optim`` (the optimizer) <-
+``integrations`` (Hugging Face, DDP); ``core`` <- ``analysis`` (checkpoints, reports, Koopman, CLI).
+"""
+
+from .core import ColumnSource, Decomposition, decompose
+from .optim import CMDOptimizer, Gradual, Modes
+
+__all__ = ["CMDOptimizer", "ColumnSource", "Decomposition", "Gradual", "Modes", "__version__", "decompose"]
+__version__ = "0.2.0.dev0"

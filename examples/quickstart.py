@@ -15,7 +15,7 @@ x_train, y_train, x_test, y_test = x[:1400], y[:1400], x[1400:], y[1400:]
 
 torch.manual_seed(0)
 model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-opt = CMDOptimizer(model, base=torch.optim.SGD, modes=10, warmup_steps=300, lr=0.05, momentum=0.9)
+opt = CMDOptimizer(model, base=torch.optim.SGD, modes=10, switch_after=300, lr=0.05, momentum=0.9)
 scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=1000)  # schedulers work in both phases
 
 for step in range(1000):

@@ -1,22 +1,30 @@
 import re
+import subprocess
+import sys
 
-import pytest
-
-from cmd_optim.__main__ import main
+from benchmarks import demo
 
 
-def test_demo_prints_a_comparison_table(capsys):
-    main(["demo", "--steps", "300", "--warmup-steps", "100", "--modes", "5"])
+def test_demo_prints_the_comparison_with_the_model_at_the_switch(capsys):
+    rows = demo.main(["--steps", "300", "--switch-after", "100", "--modes", "5"])
     out = capsys.readouterr().out
-    rows = {m.group(1): m.groups()[1:] for m in re.finditer(r"^(SGD|CMD\(SGD\))\s+([\d.]+)\s+([\d,]+)", out, re.M)}
-    assert set(rows) == {"SGD", "CMD(SGD)"}
-    assert rows["SGD"][1] == "85,002"
-    assert int(rows["CMD(SGD)"][1]) <= 5
-    assert float(rows["CMD(SGD)"][0]) > 0.85
+    row = r"^(SGD at the switch|SGD|CMD\(SGD\))\s+([\d.]+)\s+([\d,]+)"
+    printed = {m.group(1): m.groups()[1:] for m in re.finditer(row, out, re.M)}
+    assert set(printed) == {"SGD at the switch", "SGD", "CMD(SGD)"}
+    assert printed["SGD"][1] == "85,002" and int(printed["CMD(SGD)"][1]) <= 5
+    assert float(printed["CMD(SGD)"][0]) > 0.85
+    assert "Recovery" in out and "How to read it" in out
+    assert [r["method"] for r in rows] == ["SGD at the switch", "SGD", "CMD(SGD)"]
 
 
-def test_unknown_command_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["train"])
-    assert exit_info.value.code == 2
-    assert "usage: cmd-optim {demo,analyze}" in capsys.readouterr().out
+def test_without_the_data_extra_the_demo_names_it():
+    """A user who installed without extras gets one line naming the extra, not a traceback."""
+    code = ("import sys, builtins; real = builtins.__import__\n"
+            "def fake(name, *a, **k):\n"
+            "    if name.startswith('sklearn'): raise ImportError('No module named sklearn')\n"
+            "    return real(name, *a, **k)\n"
+            "builtins.__import__ = fake\n"
+            "from benchmarks import demo; demo.main([])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "pip install -e '.[data]'" in result.stderr

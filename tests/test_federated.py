@@ -1,9 +1,4 @@
-import importlib.util
-from pathlib import Path
-
-spec = importlib.util.spec_from_file_location("federated", Path(__file__).parent.parent / "examples" / "federated.py")
-federated = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(federated)
+from examples import federated
 
 
 def test_clients_upload_the_mode_vector_and_the_free_layer_after_the_warmup():

@@ -1,0 +1,159 @@
+"""Reading a training run's checkpoints as one trajectory, a chunk of columns at a time.
+
+A run folder holds Hugging Face Trainer ``checkpoint-*/`` folders (``model.safetensors`` or
+``pytorch_model.bin``) or checkpoint files (``.safetensors``, ``.pt``, ``.pth``, ``.bin``, Lightning's
+``.ckpt``), taken in the order of the step number in their names. A torch file may hold the state_dict
+itself or nest it one level down (``{"model": state_dict, "optimizer": ...}``, Lightning's
+``{"state_dict": ...}``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from ..core import ColumnSource
+
+__all__ = ["CHECKPOINT_SUFFIXES", "CheckpointTrajectory", "checkpoint_step", "find_checkpoints"]
+
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+#: The file suffixes a run folder's checkpoints may have.
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+_NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step a checkpoint was written at: the last number in its (folder's) name, -1 if none."""
+    name = path.parent.name if path.name in _WEIGHT_FILES else path.name
+    numbers = re.findall(r"\d+", name)
+    return int(numbers[-1]) if numbers else -1
+
+
+def find_checkpoints(run_dir) -> list[Path]:
+    """The checkpoint files of ``run_dir`` in step order."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no such run folder: {run_dir}")
+    folders = sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir()), key=checkpoint_step)
+    if folders:
+        files = []
+        for folder in folders:
+            found = [folder / name for name in _WEIGHT_FILES if (folder / name).exists()]
+            if not found:
+                raise FileNotFoundError(f"{folder} holds none of {', '.join(_WEIGHT_FILES)}")
+            files.append(found[0])
+    else:
+        files = sorted((p for p in run_dir.iterdir() if p.suffix in CHECKPOINT_SUFFIXES), key=checkpoint_step)
+    if len(files) < 3:
+        raise ValueError(f"{run_dir} has {len(files)} checkpoints (Trainer checkpoint-* folders or files ending in "
+                         f"{', '.join(CHECKPOINT_SUFFIXES)}); CMD needs at least 3")
+    return files
+
+
+class _Weights:
+    """One checkpoint file's floating-point tensors, memory-mapped; ``read(name, start, stop)`` gives a flat range."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            self._file = safe_open(str(path), framework="pt")
+            self.shapes = {name: tuple(self._file.get_slice(name).get_shape()) for name in self._file.keys()}
+            self._tensors = None
+            return
+        loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        self._tensors = _state_dict_in(loaded, path)
+        self.shapes = {name: tuple(t.shape) for name, t in self._tensors.items()
+                       if isinstance(t, torch.Tensor) and t.is_floating_point()}
+
+    def read(self, name: str, start: int, stop: int) -> torch.Tensor:
+        if self._tensors is not None:
+            return self._tensors[name].reshape(-1)[start:stop].float()
+        shape = self.shapes[name]
+        if not shape:
+            return self._file.get_tensor(name).reshape(-1).float()
+        row = math.prod(shape[1:]) if len(shape) > 1 else 1
+        first, last = start // row, -(-stop // row)
+        rows = self._file.get_slice(name)[first:last].reshape(-1).float()
+        return rows[start - first * row: stop - first * row]
+
+
+def _state_dict_in(loaded, path: Path) -> dict:
+    """The dict of tensors in a loaded torch file: the file itself, or one nested under a usual key."""
+    if isinstance(loaded, dict) and any(isinstance(v, torch.Tensor) for v in loaded.values()):
+        return loaded
+    if isinstance(loaded, dict):
+        for key in _NESTED_KEYS:
+            if isinstance(loaded.get(key), dict) and any(isinstance(v, torch.Tensor) for v in loaded[key].values()):
+                return loaded[key]
+    keys = list(loaded)[:8] if isinstance(loaded, dict) else type(loaded).__name__
+    raise ValueError(f"{path} holds no state_dict (a dict of tensors, itself or under one of "
+                     f"{', '.join(_NESTED_KEYS)}); found {keys}")
+
+
+class CheckpointTrajectory(ColumnSource):
+    """The (T, N) trajectory of the floating-point tensors common to all checkpoints, read on demand.
+
+    Columns follow the first checkpoint's tensor order; ``names`` and ``sizes`` give the layers,
+    ``steps`` the step of each checkpoint. ``chunk_elements`` sets how many values one read covers.
+    """
+
+    def __init__(self, paths, progress: bool = False, chunk_elements: int | None = None) -> None:
+        self.files = [_Weights(Path(p)) for p in paths]
+        self.steps = [checkpoint_step(Path(p)) for p in paths]
+        first = self.files[0].shapes
+        self.names = [n for n in first if all(f.shapes.get(n) == first[n] for f in self.files[1:])]
+        if not self.names:
+            raise ValueError("the checkpoints share no floating-point tensor of one shape")
+        self.sizes = [math.prod(first[n]) for n in self.names]
+        self.offsets = [0]
+        for size in self.sizes:
+            self.offsets.append(self.offsets[-1] + size)
+        self.shape = torch.Size((len(self.files), self.offsets[-1]))
+        if chunk_elements is not None:
+            self.chunk_elements = chunk_elements
+        self.progress = _progress_bar("reading checkpoints", "values") if progress else None
+
+    def __getitem__(self, key) -> torch.Tensor:
+        rows, cols = key
+        if rows != slice(None):
+            raise IndexError("CheckpointTrajectory reads whole columns: use trajectory[:, columns]")
+        if isinstance(cols, slice):
+            start, stop, _ = cols.indices(self.shape[1])
+            out = torch.cat([self._read_range(f, start, stop)[None] for f in self.files])
+        else:
+            index = torch.as_tensor(cols).cpu()
+            low, high = int(index.min()), int(index.max()) + 1
+            if high - low <= 4 * len(index) + 1024:  # close together: one range, then pick
+                out = self[:, slice(low, high)][:, index - low]
+            else:
+                out = torch.stack([torch.stack([self._read_range(f, int(i), int(i) + 1)[0] for i in index])
+                                   for f in self.files])
+        if self.progress is not None:
+            self.progress.update(out.numel())
+        return out
+
+    def _read_range(self, weights: _Weights, start: int, stop: int) -> torch.Tensor:
+        parts = []
+        for name, low, high in zip(self.names, self.offsets, self.offsets[1:]):
+            if high <= start or low >= stop:
+                continue
+            parts.append(weights.read(name, max(start, low) - low, min(stop, high) - low))
+        return torch.cat(parts)
+
+    def close(self) -> None:
+        """Close the progress bar, if any."""
+        if self.progress is not None:
+            self.progress.close()
+
+
+def _progress_bar(label: str, unit: str):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional
+        return None
+    return tqdm(desc=label, unit=unit, unit_scale=True, leave=False)

@@ -1,0 +1,389 @@
+"""Correlation Mode Decomposition of a parameter trajectory: ``decompose`` and ``Decomposition``.
+
+A trajectory is a (T, N) tensor, one row per snapshot of the N trainable scalars. CMD models each
+column as an affine image of one of a few reference columns::
+
+    w_i(t) ~= a_i * profiles[assignment[i], t] + b_i
+
+All work happens on the trajectory's device, over N in chunks, so that the extra memory stays a
+small multiple of one chunk. Half-precision input is accumulated in float32; float64 stays float64.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ._checks import check_int
+from .clustering import abs_correlation, cluster_references
+from .sampling import sample_columns
+
+__all__ = ["CHUNK_ELEMENTS", "ColumnSource", "Decomposition", "FitQuality", "chunks", "decompose"]
+
+#: Elements of the trajectory processed at once (columns per chunk = this // T), unless the trajectory
+#: is a :class:`ColumnSource` that sets its own ``chunk_elements``.
+CHUNK_ELEMENTS = 1 << 19
+
+_STATE_TENSORS = ("assignment", "references", "profiles", "mean", "comoment", "profile_mean", "profile_m2")
+
+
+class Decomposition:
+    """A fitted CMD model of N parameter trajectories with M modes over T snapshots.
+
+    Attributes:
+        assignment: LongTensor (N,), the mode of each parameter, in ``[0, num_modes)``.
+        references: LongTensor (M,), the column index of each mode's reference parameter.
+        profiles: Tensor (M, T), each reference's value at every snapshot seen so far.
+        a, b: Tensor (N,), affine coefficients: ``w_i(t) ~= a_i * profiles[assignment[i], t] + b_i``.
+
+    The least-squares fit is kept as running statistics (per parameter: mean and co-moment with its
+    reference; per mode: mean and second moment of the profile), so that :meth:`update` refits
+    ``a, b`` over every snapshot seen so far in O(N) memory, never storing the trajectory.
+    ``fit_quality`` holds the fit's error on the decomposed trajectory when :func:`decompose` was
+    asked to ``measure`` it (in the same pass as the fit).
+    """
+
+    def __init__(
+        self,
+        assignment: torch.Tensor,
+        references: torch.Tensor,
+        profiles: torch.Tensor,
+        mean: torch.Tensor,
+        comoment: torch.Tensor,
+        profile_mean: torch.Tensor,
+        profile_m2: torch.Tensor,
+    ) -> None:
+        self.assignment = assignment
+        self.references = references
+        self.profiles = profiles
+        self._mean = mean
+        self._comoment = comoment
+        self._profile_mean = profile_mean
+        self._profile_m2 = profile_m2
+        self.fit_quality: FitQuality | None = None
+        self._refit()
+
+    @property
+    def num_modes(self) -> int:
+        return self.references.numel()
+
+    @property
+    def num_params(self) -> int:
+        return self.assignment.numel()
+
+    @property
+    def num_snapshots(self) -> int:
+        return self.profiles.shape[1]
+
+    @property
+    def mode_sizes(self) -> torch.Tensor:
+        """LongTensor (M,): how many parameters each mode holds."""
+        return torch.bincount(self.assignment, minlength=self.num_modes)
+
+    def _refit(self) -> None:
+        self.a = _slopes(self._comoment, self._profile_m2[self.assignment])
+        self.b = self._mean - self.a * self._profile_mean[self.assignment]
+
+    def evaluate(self, profile_values: torch.Tensor) -> torch.Tensor:
+        """Parameters (N,) given the references' values (M,): ``a * values[assignment] + b``."""
+        return torch.addcmul(self.b, self.a, profile_values.to(self.a)[self.assignment])
+
+    def reconstruct(self) -> torch.Tensor:
+        """The modelled trajectory (T, N) at every snapshot seen so far."""
+        return torch.addcmul(self.b, self.a, self.profiles.T[:, self.assignment])
+
+    def update(self, snapshot: torch.Tensor) -> None:
+        """Online CMD: add one snapshot (N,) and refit ``a, b`` as a batch fit over all snapshots would.
+
+        The references and the assignment stay fixed; ``profiles`` gains a column; ``fit_quality``
+        (which described the decomposed trajectory) is cleared.
+        """
+        snapshot = torch.as_tensor(snapshot, device=self.a.device)
+        if snapshot.shape != (self.num_params,):
+            raise ValueError(f"snapshot must have shape ({self.num_params},), got {tuple(snapshot.shape)}")
+        x = snapshot.to(self.a.dtype)
+        bad = torch.nonzero(~torch.isfinite(x))
+        if bad.numel():
+            raise ValueError(f"snapshot has a non-finite value at parameter {int(bad[0])}")
+        r = x[self.references]
+        count = self.num_snapshots + 1
+        # Welford updates of the means and (co-)moments, exact for any number of snapshots.
+        r_delta = r - self._profile_mean
+        self._profile_mean += r_delta / count
+        r_delta_new = r - self._profile_mean
+        self._profile_m2 += r_delta * r_delta_new
+        x_delta = x - self._mean
+        self._mean += x_delta / count
+        self._comoment.addcmul_(x_delta, r_delta_new[self.assignment])
+        self.profiles = torch.cat([self.profiles, r[:, None]], dim=1)
+        self.fit_quality = None
+        self._refit()
+
+    def relative_error(self, trajectory: torch.Tensor) -> torch.Tensor:
+        """Per-snapshot relative reconstruction error (T,): ``||w(t) - w_hat(t)|| / ||w(t)||``."""
+        return FitQuality.from_sums(*self._residuals(trajectory)).relative_error
+
+    def explained_variance(self, trajectory: torch.Tensor) -> float:
+        """Fraction of the trajectory's variance about each parameter's temporal mean that the model explains."""
+        return FitQuality.from_sums(*self._residuals(trajectory)).explained_variance
+
+    def _residuals(self, trajectory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Squared residual norm (T,), squared snapshot norm (T,), total centered sum of squares."""
+        trajectory = _as_trajectory(trajectory)
+        if trajectory.shape != (self.num_snapshots, self.num_params):
+            raise ValueError(
+                f"trajectory must have shape ({self.num_snapshots}, {self.num_params}), got {tuple(trajectory.shape)}"
+            )
+        dtype = self.a.dtype
+        residual = torch.zeros(self.num_snapshots, dtype=dtype, device=self.a.device)
+        norm = torch.zeros_like(residual)
+        total = torch.zeros((), dtype=dtype, device=self.a.device)
+        for cols in chunks(trajectory):
+            x = trajectory[:, cols].to(dtype)
+            model = torch.addcmul(self.b[cols], self.a[cols], self.profiles.T[:, self.assignment[cols]])
+            _accumulate_residuals(x, model, residual, norm, total)
+        return residual, norm, total
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors only, readable by ``torch.load(..., weights_only=True)``."""
+        return {
+            "assignment": self.assignment,
+            "references": self.references,
+            "profiles": self.profiles,
+            "mean": self._mean,
+            "comoment": self._comoment,
+            "profile_mean": self._profile_mean,
+            "profile_m2": self._profile_m2,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> Decomposition:
+        """The Decomposition ``state`` describes (copied); every entry is checked first."""
+        missing = [key for key in _STATE_TENSORS if key not in state]
+        if missing:
+            raise KeyError(f"Decomposition state_dict is missing {', '.join(missing)}")
+        if not all(isinstance(state[key], torch.Tensor) for key in _STATE_TENSORS):
+            raise TypeError("Decomposition state_dict entries must be tensors")
+        n, m = state["assignment"].numel(), state["references"].numel()
+        expected = {"assignment": (n,), "references": (m,), "mean": (n,), "comoment": (n,), "profile_mean": (m,),
+                    "profile_m2": (m,)}
+        for key, shape in expected.items():
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"Decomposition state_dict entry {key!r} has shape {tuple(state[key].shape)}, "
+                                 f"expected {shape}")
+        if state["profiles"].ndim != 2 or state["profiles"].shape[0] != m:
+            raise ValueError(f"Decomposition state_dict entry 'profiles' has shape {tuple(state['profiles'].shape)}, "
+                             f"expected ({m}, snapshots)")
+        for key, limit in (("assignment", m), ("references", n)):
+            values = state[key]
+            if values.dtype != torch.long or (values.numel() and (int(values.min()) < 0 or int(values.max()) >= limit)):
+                raise ValueError(f"Decomposition state_dict entry {key!r} must hold integers in [0, {limit})")
+        return cls(**{key: state[key].clone() for key in _STATE_TENSORS})
+
+    def __repr__(self) -> str:
+        return (
+            f"Decomposition(num_params={self.num_params}, num_modes={self.num_modes}, "
+            f"num_snapshots={self.num_snapshots}, dtype={self.a.dtype}, device={self.a.device})"
+        )
+
+
+@dataclass
+class FitQuality:
+    """How well a decomposition reproduces a trajectory (T, N).
+
+    ``relative_error`` (T,): ``||w(t) - w_hat(t)|| / ||w(t)||`` per snapshot; ``explained_variance``: the
+    share of the variance about each parameter's temporal mean that the model explains.
+    """
+
+    relative_error: torch.Tensor
+    explained_variance: float
+
+    @classmethod
+    def from_sums(cls, residual: torch.Tensor, norm: torch.Tensor, total: torch.Tensor) -> FitQuality:
+        """From per-snapshot squared residual and snapshot norms (T,) and the total centred sum of squares."""
+        error = (residual / norm.clamp_min(torch.finfo(norm.dtype).tiny)).sqrt()
+        explained = 1.0 - float(residual.sum() / total) if total > 0 else 1.0
+        return cls(error, explained)
+
+
+class ColumnSource:
+    """Base class of trajectories read on demand rather than held in memory.
+
+    A subclass sets ``shape`` ((T, N) ``torch.Size``), ``dtype`` and ``device``, and answers
+    ``source[:, columns]`` (``columns`` a slice or a LongTensor of column indices) with a (T, len) tensor.
+    :func:`decompose`, :meth:`Decomposition.relative_error` and :meth:`Decomposition.explained_variance`
+    accept one and read it in chunks of ``chunk_elements`` values (see
+    :class:`cmd_optim.analysis.CheckpointTrajectory`).
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+    chunk_elements: int = CHUNK_ELEMENTS
+
+    def __getitem__(self, key) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def chunks(trajectory) -> list[slice]:
+    """Column slices covering a (T, N) trajectory, each of about ``CHUNK_ELEMENTS`` values (or the
+    source's own ``chunk_elements``)."""
+    num_snapshots, num_params = trajectory.shape
+    width = max(1, getattr(trajectory, "chunk_elements", CHUNK_ELEMENTS) // num_snapshots)
+    return [slice(start, min(start + width, num_params)) for start in range(0, num_params, width)]
+
+
+def decompose(
+    trajectory: torch.Tensor | ColumnSource,
+    modes: int = 10,
+    samples: int = 1000,
+    seed: int = 0,
+    layer_sizes: Sequence[int] | None = None,
+    measure: bool = False,
+) -> Decomposition:
+    """Fit CMD to a trajectory (T, N): one row per snapshot, one column per parameter.
+
+    Args:
+        trajectory: floating tensor (T, N) with T >= 3, on any device, or a :class:`ColumnSource` that
+            reads it on demand (the trajectory is then never held whole: memory is a chunk of columns).
+        modes: the most modes to find (the clustering may find fewer).
+        samples: how many columns the clustering sees (K); at least ``modes``.
+        seed: seeds the column sampling; equal inputs and seeds give equal results.
+        layer_sizes: sizes of consecutive column blocks (layers), summing to N. When given, half of the
+            samples are spread evenly over the layers and half in proportion to their sizes.
+        measure: also measure the fit on ``trajectory`` (``fit_quality``), in the same pass as the fit.
+    """
+    trajectory = _as_trajectory(trajectory)
+    modes = check_int("modes", modes, low=1)
+    samples = check_int("samples", samples, low=1)
+    if samples < modes:
+        raise ValueError(f"samples must be >= modes ({modes}), got {samples}")
+    seed = check_int("seed", seed, low=0, high=2**63 - 1)
+    num_snapshots, num_params = trajectory.shape
+    device, dtype = trajectory.device, _compute_dtype(trajectory.dtype)
+
+    generator = torch.Generator().manual_seed(seed)
+    sampled = sample_columns(num_params, samples, layer_sizes, generator).to(device)
+    sampled_columns = trajectory[:, sampled].to(dtype)
+    if not torch.isfinite(sampled_columns).all():
+        _raise_non_finite(trajectory, slice(0, num_params))
+    corr, constant = abs_correlation(sampled_columns, resolution=torch.finfo(trajectory.dtype).eps)
+    references = sampled[cluster_references(corr, constant, modes).to(device)]
+
+    # The profiles' statistics in float64 (M x T numbers): a float32 mean leaves centred rows that do not
+    # sum to zero, and for a reference that barely moves that rounding would dominate its co-moments.
+    profiles = trajectory[:, references].to(dtype).T.contiguous()
+    exact = profiles.double()
+    exact_mean = exact.mean(dim=1)
+    centered = exact - exact_mean[:, None]
+    exact_m2 = centered.square().sum(dim=1)
+    exact_std = exact_m2.sqrt()
+    # One product per chunk gives every column's co-moment with every profile, divided by the profile's
+    # std (for a fixed column, |corr| is proportional to that), and, in the last row, the column sums.
+    # Columns are shifted by their first value first, so that what rounding leaves in the centred rows
+    # multiplies a column's movement, not its magnitude.
+    weights = torch.cat([centered / torch.where(exact_std > 0, exact_std, 1)[:, None],
+                         torch.ones_like(centered[:1])]).to(dtype)
+    profile_mean, profile_m2, profile_std = exact_mean.to(dtype), exact_m2.to(dtype), exact_std.to(dtype)
+    if not (torch.isfinite(profile_m2).all() and torch.isfinite(weights).all()):
+        _raise_too_large(dtype)
+
+    assignment = torch.empty(num_params, dtype=torch.long, device=device)
+    mean = torch.empty(num_params, dtype=dtype, device=device)
+    comoment = torch.empty(num_params, dtype=dtype, device=device)
+    sums = _ResidualSums(num_snapshots, dtype, device) if measure else None
+    for cols in chunks(trajectory):
+        x = trajectory[:, cols].to(dtype)
+        first = x[0]
+        stats = weights @ (x - first)  # (M + 1, chunk); constant columns give exact zeros
+        if not torch.isfinite(stats).all():
+            _raise_non_finite(trajectory, cols)
+        mode = stats[:-1].abs().max(dim=0).indices
+        assignment[cols] = mode
+        comoment[cols] = stats[:-1].gather(0, mode[None]).squeeze(0) * profile_std[mode]
+        mean[cols] = first + stats[-1] / num_snapshots
+        if sums is not None:
+            a = _slopes(comoment[cols], profile_m2[mode])
+            model = torch.addcmul((mean[cols] - a * profile_mean[mode]), a, profiles.T[:, mode])
+            sums.add(x, model)
+    if not torch.isfinite(comoment).all():
+        _raise_too_large(dtype)
+    # A reference follows its own profile exactly (a = 1, b = 0), even if an identical column exists.
+    assignment[references] = torch.arange(references.numel(), device=device)
+    comoment[references] = profile_m2
+    mean[references] = profile_mean
+    d = Decomposition(assignment, references, profiles, mean, comoment, profile_mean, profile_m2)
+    if sums is not None:
+        d.fit_quality = FitQuality.from_sums(sums.residual, sums.norm, sums.total)
+    return d
+
+
+def _slopes(comoment: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
+    """Least-squares slopes ``comoment / m2``, 0 where the reference does not move."""
+    return torch.where(m2 > 0, comoment / torch.where(m2 > 0, m2, 1), 0)
+
+
+def _accumulate_residuals(x, model, residual, norm, total) -> None:
+    """Add a chunk's squared residuals and norms per snapshot (T,) and its centred sum of squares."""
+    residual += (x - model).square().sum(dim=1)
+    norm += x.square().sum(dim=1)
+    total += (x - x.mean(dim=0)).square().sum()
+
+
+class _ResidualSums:
+    """The running sums of :func:`_accumulate_residuals` over the chunks of one pass."""
+
+    def __init__(self, num_snapshots: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.residual = torch.zeros(num_snapshots, dtype=dtype, device=device)
+        self.norm = torch.zeros_like(self.residual)
+        self.total = torch.zeros((), dtype=dtype, device=device)
+
+    def add(self, x: torch.Tensor, model: torch.Tensor) -> None:
+        _accumulate_residuals(x, model, self.residual, self.norm, self.total)
+
+
+def _as_trajectory(trajectory) -> torch.Tensor | ColumnSource:
+    if not isinstance(trajectory, ColumnSource):
+        trajectory = torch.as_tensor(trajectory)
+    shape = tuple(trajectory.shape)
+    if len(shape) != 2:
+        raise ValueError(f"trajectory must be 2-D (snapshots, parameters), got shape {shape}")
+    if not trajectory.dtype.is_floating_point:
+        raise ValueError(f"trajectory must be a floating-point tensor, got {trajectory.dtype}")
+    if shape[0] < 3:
+        raise ValueError(f"trajectory needs at least 3 snapshots (rows), got {shape[0]}")
+    if shape[1] < 1:
+        raise ValueError("trajectory has no parameters (0 columns)")
+    if shape[0] > 4096 and shape[0] > shape[1]:
+        warnings.warn(f"trajectory has {shape[0]} snapshots (rows) of {shape[1]} parameters (columns): rows are "
+                      "snapshots; pass trajectory.T if it is the other way round", stacklevel=3)
+    return trajectory
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _raise_too_large(dtype: torch.dtype) -> None:
+    raise ValueError(f"trajectory values are too large for {dtype} statistics (their squared deviations "
+                     "overflow); pass the trajectory as float64")
+
+
+def _raise_non_finite(trajectory: torch.Tensor, cols: slice) -> None:
+    """Raise a ValueError naming the first column in ``cols`` that holds a non-finite value."""
+    block_source = trajectory[:, cols]
+    for chunk in chunks(block_source):
+        block = block_source[:, chunk]
+        bad_columns = (~torch.isfinite(block).all(dim=0)).nonzero()
+        if bad_columns.numel():
+            col = int(bad_columns[0])
+            row = int((~torch.isfinite(block[:, col])).nonzero()[0])
+            raise ValueError(
+                f"trajectory has a non-finite value in column {cols.start + chunk.start + col} (snapshot {row}); "
+                "it is the first bad column"
+            )
+    _raise_too_large(_compute_dtype(trajectory.dtype))

@@ -1,0 +1,108 @@
+"""Hugging Face ``Trainer`` integration (needs the ``hf`` extra: transformers, accelerate).
+
+Two ways to hand a CMDOptimizer to a Trainer, both driven by the Trainer's own LR scheduler, gradient
+accumulation, clipping, mixed precision and checkpoints::
+
+    Trainer(model=model, args=args, optimizers=(CMDOptimizer(model, base=torch.optim.AdamW, lr=5e-5), None))
+    Trainer(model=model, args=args, optimizer_cls_and_kwargs=trainer_optimizer(model, lr=5e-5, weight_decay=0.01))
+
+and :class:`CMDCallback` puts what the optimizer is doing into the Trainer's logs.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_pt_utils import get_parameter_names
+
+from ..optim import CMDOptimizer, find_cmd_optimizer
+
+__all__ = ["CMDCallback", "trainer_optimizer"]
+
+#: Parameters without weight decay, as the Trainer groups them: LayerNorm layers, and names with a bias or a norm.
+NO_DECAY_NAMES = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
+
+
+def trainer_optimizer(model: torch.nn.Module, *, weight_decay: float = 0.0,
+                      base: type[torch.optim.Optimizer] = torch.optim.AdamW, **kwargs) -> tuple[type, dict]:
+    """``optimizer_cls_and_kwargs`` for a ``Trainer``: a CMDOptimizer over ``model``, AdamW by default (the
+    Trainer's own optimizer family; note that torch's AdamW defaults to weight decay 0.01 where the
+    Trainer's ``weight_decay`` argument defaults to 0, so set ``weight_decay`` here as in the Trainer).
+
+    The parameters are grouped as the Trainer groups them (``weight_decay`` on all but biases and
+    normalisation weights) and keep their names, so ``keep_free`` patterns work. Two groups with the
+    mode reduction mean two sets of mode coefficients. The groups travel in the kwargs key ``"model"``,
+    which the Trainer pops and passes as the optimizer's first argument; the returned dict is therefore
+    good for one Trainer. ``kwargs`` go to :class:`CMDOptimizer` (``modes``, ``switch_after``, ``lr``, ...).
+    """
+    decay = set(get_parameter_names(model, [torch.nn.LayerNorm], NO_DECAY_NAMES))
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [(name, p) for name, p in named if name in decay], "weight_decay": weight_decay},
+        {"params": [(name, p) for name, p in named if name not in decay], "weight_decay": 0.0},
+    ]
+    return CMDOptimizer, {"model": [group for group in groups if group["params"]], "base": base, **kwargs}
+
+
+class CMDCallback(TrainerCallback):
+    """Adds a CMDOptimizer's state to every training log of the Trainer.
+
+    Keys: ``cmd/reduced`` (0 in the warm-up, 1 after), ``cmd/trainable_dims``, ``cmd/skipped_steps``,
+    ``cmd/limited_steps``; and once, at the first log after the switch (a log is requested at the
+    switch step), the decomposition: ``cmd/switch_step``, ``cmd/modes``, ``cmd/decomposed_params``,
+    ``cmd/snapshots``, ``cmd/relative_error`` (mean over the warm-up snapshots) and
+    ``cmd/explained_variance``. They go into ``trainer.state.log_history`` too.
+
+    Reporters (TensorBoard, W&B, ...) are callbacks that run in order; to have them see these keys,
+    add the callback in front of them with :meth:`install`.
+    """
+
+    def __init__(self) -> None:
+        self._switch_logged = False
+
+    @classmethod
+    def install(cls, trainer) -> CMDCallback:
+        """Put a new CMDCallback first among ``trainer``'s callbacks, so every reporter sees its keys."""
+        callback = cls()
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+        cmd = find_cmd_optimizer(optimizer)
+        if cmd is not None and cmd.switch_report is not None and not self._switch_logged:
+            control.should_log = True
+        return control
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        cmd = find_cmd_optimizer(optimizer)
+        if cmd is None or logs is None or any(key.startswith("eval_") for key in logs):
+            return control
+        metrics = {
+            "cmd/reduced": int(cmd.phase == "reduced"),
+            "cmd/trainable_dims": cmd.trainable_dims,
+            "cmd/skipped_steps": cmd.skipped_steps,
+            "cmd/limited_steps": cmd.limited_steps,
+        }
+        if cmd.switch_report is not None and not self._switch_logged:
+            report = cmd.switch_report
+            metrics.update({"cmd/switch_step": report["step"], "cmd/modes": report["modes"],
+                            "cmd/decomposed_params": report["decomposed_params"], "cmd/snapshots": report["snapshots"],
+                            "cmd/relative_error": report["relative_error"],
+                            "cmd/explained_variance": report["explained_variance"]})
+            self._switch_logged = True
+        logs.update(metrics)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(metrics)
+        return control
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        cmd = find_cmd_optimizer(optimizer)
+        if cmd is not None and cmd.phase == "warmup":
+            warnings.warn(
+                f"training ended after {cmd.steps_taken} optimizer steps, before CMD's switch at step "
+                f"{cmd.switch_after}: the run was ordinary {cmd.base_name} training. "
+                "Lower switch_after (it counts optimizer steps, not the scheduler's warmup_steps) or train longer.",
+                stacklevel=2)
+        return control

@@ -1,0 +1,8 @@
+"""Training with CMD: the optimizer, its phases and its reduction strategies (imports ``core`` only)."""
+
+from .cmd import CMDOptimizer, find_cmd_optimizer, optimizer_state_bytes
+from .exchange import ModeExchange
+from .gradual import Gradual
+from .modes import Modes
+
+__all__ = ["CMDOptimizer", "Gradual", "ModeExchange", "Modes", "find_cmd_optimizer", "optimizer_state_bytes"]

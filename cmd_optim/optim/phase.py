@@ -1,0 +1,113 @@
+"""What every phase of a CMDOptimizer provides, the settings they share, and a guarded optimizer step.
+
+A :class:`CMDOptimizer` holds one phase at a time: the warm-up (:class:`~cmd_optim.optim.warmup.WarmupPhase`)
+and, after the switch, the phase its reduction strategy builds (``Modes`` -> ``ModePhase``, ``Gradual``
+-> ``GradualPhase``). The optimizer validates, counts and keeps the state_dict envelope; a phase steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from ._params import BaseFactory, ParamSet, all_finite
+from .exchange import ModeExchange
+
+__all__ = ["Phase", "Setup", "guarded_step"]
+
+
+@dataclass
+class Setup:
+    """The settings and parameters that every phase of one optimizer shares (fixed at construction)."""
+
+    params: ParamSet
+    make_base: BaseFactory
+    switch_after: int
+    snapshot_every: int
+    snapshot_device: torch.device
+    snapshot_dtype: torch.dtype
+    exchange: ModeExchange
+
+    @property
+    def num_snapshots(self) -> int:
+        """Snapshots of the warm-up: at step 0 and every ``snapshot_every`` steps up to the switch."""
+        return self.switch_after // self.snapshot_every + 1
+
+    def base_on_copies(self) -> torch.optim.Optimizer:
+        """A new base optimizer on copies of the visible group dicts (see :meth:`adopt_groups`)."""
+        return self.make_base([dict(group) for group in self.params.groups])
+
+    def adopt_groups(self, optimizer: torch.optim.Optimizer) -> None:
+        """Make ``optimizer`` step on the visible group dicts: their settings are updated in place from the
+        optimizer's groups, and the optimizer's ``param_groups`` becomes the visible list itself."""
+        for visible, own in zip(self.params.groups, optimizer.param_groups):
+            visible.update({key: value for key, value in own.items() if key != "params"})
+        optimizer.param_groups = self.params.groups
+
+
+class Phase(Protocol):
+    """One phase of a CMDOptimizer."""
+
+    name: str  #: "warmup", "modes" or "gradual"
+    reduced: bool  #: True after the switch
+    optimizer: torch.optim.Optimizer  #: the torch optimizer that steps; its state_dict is the envelope
+
+    def step(self, loss, closure: Callable | None) -> bool:
+        """One step; False if it was skipped (a non-finite gradient), leaving weights and state alone."""
+
+    def after_step(self, steps_taken: int) -> None:
+        """Bookkeeping after a step was taken (snapshots, online refits)."""
+
+    def trainable_dims(self) -> int:
+        """How many numbers the stepping optimizer updates per step."""
+
+    def state_bytes(self) -> int:
+        """Bytes of state ``step()`` uses."""
+
+    def extra_state(self) -> dict:
+        """The phase's own state beside the envelope: tensors and plain values only."""
+
+
+class _NonFinite(Exception):
+    """A closure re-evaluation inside an optimizer step produced non-finite gradients."""
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, loss, closure: Callable | None, watched: Sequence[torch.Tensor],
+                 reevaluate: Callable | None = None, restore: Sequence[torch.Tensor] = ()) -> bool:
+    """``optimizer.step`` whose closure returns the already computed ``loss`` on its first call.
+
+    Later calls (LBFGS re-evaluates during its line search) run ``reevaluate`` (default ``closure``) and
+    check the gradients of ``watched``: if one is not finite, the step is undone (``watched`` and
+    ``restore`` set back to their values before it) and False is returned.
+    """
+    if closure is None:
+        optimizer.step()
+        return True
+    reevaluate = reevaluate or closure
+    keep = list(watched) + list(restore)
+    saved = [p.detach().clone() for p in keep] if isinstance(optimizer, torch.optim.LBFGS) else None
+    pending = [loss]
+
+    def replay():
+        if pending:
+            return pending.pop()
+        with torch.enable_grad():
+            value = reevaluate()
+        if not all_finite([torch.as_tensor(value).detach(), *(p.grad for p in watched)]):
+            raise _NonFinite
+        return value
+
+    try:
+        optimizer.step(replay)
+    except _NonFinite:
+        if saved is None:
+            raise RuntimeError(f"{type(optimizer).__name__} re-evaluated the closure and got non-finite "
+                               "gradients; the step it had begun cannot be undone") from None
+        with torch.no_grad():
+            for p, value in zip(keep, saved):
+                p.copy_(value)
+        return False
+    return True

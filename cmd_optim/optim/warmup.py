@@ -1,0 +1,93 @@
+"""The warm-up: the base optimizer trains every parameter, and the tracked ones are recorded."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from ._params import all_finite, tensor_bytes
+from .phase import Setup, guarded_step
+from .snapshots import SnapshotBuffer
+
+__all__ = ["WarmupPhase"]
+
+
+class WarmupPhase:
+    """Ordinary training with the base optimizer, exactly as it would run alone.
+
+    A snapshot of the tracked parameters is taken at step 0 and every ``snapshot_every`` steps up to the
+    switch, into a :class:`SnapshotBuffer` of ``setup.num_snapshots`` rows.
+    """
+
+    name = "warmup"
+    reduced = False
+
+    def __init__(self, setup: Setup, optimizer: torch.optim.Optimizer | None = None,
+                 snapshots: SnapshotBuffer | None = None) -> None:
+        self.setup = setup
+        if optimizer is None:
+            optimizer = setup.base_on_copies()
+            setup.adopt_groups(optimizer)
+        self.optimizer = optimizer
+        if snapshots is None:
+            snapshots = SnapshotBuffer(setup.params.tracked, setup.num_snapshots, setup.snapshot_device,
+                                       setup.snapshot_dtype)
+            snapshots.record()
+        self.snapshots = snapshots
+
+    def step(self, loss, closure: Callable | None) -> bool:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if not all_finite(p.grad for p in params):
+            return False
+        return guarded_step(self.optimizer, loss, closure, params)
+
+    def after_step(self, steps_taken: int) -> None:
+        if steps_taken % self.setup.snapshot_every == 0 and steps_taken <= self.setup.switch_after:
+            self.snapshots.record()
+
+    def trainable_dims(self) -> int:
+        return sum(p.numel() for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad)
+
+    def state_bytes(self) -> int:
+        return tensor_bytes(self.optimizer.state) + self.snapshots.nbytes
+
+    def extra_state(self) -> dict:
+        return {"snapshots": self.snapshots.trajectory().clone()}
+
+    @classmethod
+    def load(cls, setup: Setup, envelope: dict, extra: dict, steps_taken: int) -> WarmupPhase:
+        """A warm-up phase from saved state, built beside the live one: nothing live is touched."""
+        snapshots = extra.get("snapshots")
+        if not isinstance(snapshots, torch.Tensor):
+            raise ValueError("the warm-up state_dict has no 'snapshots' tensor")
+        expected = min(steps_taken, setup.switch_after) // setup.snapshot_every + 1
+        if snapshots.ndim != 2 or len(snapshots) != expected:
+            raise ValueError(f"the warm-up state_dict holds {len(snapshots)} snapshots after {steps_taken} steps; "
+                             f"with snapshot_every={setup.snapshot_every} this optimizer expects {expected}")
+        buffer = SnapshotBuffer(setup.params.tracked, setup.num_snapshots, setup.snapshot_device, setup.snapshot_dtype)
+        buffer.load(snapshots)
+        optimizer = setup.base_on_copies()
+        load_base_state(optimizer, envelope)
+        return cls(setup, optimizer, buffer)
+
+    def adopt(self) -> None:
+        """Called once this phase replaces the live one: step on the visible group dicts."""
+        self.setup.adopt_groups(self.optimizer)
+
+
+def load_base_state(optimizer: torch.optim.Optimizer, envelope: dict) -> None:
+    """``optimizer.load_state_dict(envelope)``, after checking that per-parameter state tensors have their
+    parameter's shape (torch checks only the counts)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = envelope.get("state", {})
+    if not isinstance(state, dict):
+        raise ValueError("the state_dict's 'state' is not a dict")
+    for index, entry in state.items():
+        if isinstance(index, int) and 0 <= index < len(params) and isinstance(entry, dict):
+            p = params[index]
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.ndim == p.ndim and value.ndim and value.shape != p.shape:
+                    raise ValueError(f"the state_dict's {key!r} of parameter {index} has shape {tuple(value.shape)}, "
+                                     f"the parameter {tuple(p.shape)}: it belongs to another model")
+    optimizer.load_state_dict(envelope)

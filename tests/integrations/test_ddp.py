@@ -1,0 +1,183 @@
+"""Two gloo processes on the CPU against one process on the same global batch."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from benchmarks import datasets
+from cmd_optim import CMDOptimizer
+from cmd_optim.integrations.ddp import register_cmd_hook
+from cmd_optim.optim._dist_checks import check_rank_consistency
+
+STEPS, WARMUP, GLOBAL_BATCH = 50, 30, 64
+
+
+def model_and_optimizer():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = CMDOptimizer(model, base=torch.optim.SGD, modes=4, switch_after=WARMUP, snapshot_every=5,
+                             samples=200, keep_free=["4.*"], lr=0.05, momentum=0.9)
+    return model, optimizer
+
+
+def batch(step, data):
+    index = torch.randint(0, len(data[0]), (GLOBAL_BATCH,), generator=torch.Generator().manual_seed(step))
+    return data[0][index], data[1][index]
+
+
+def worker(rank, world, folder, hook):
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    data = datasets.digits(seed=0)
+    model, optimizer = model_and_optimizer()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.004)  # several buckets
+    state = register_cmd_hook(ddp, optimizer) if hook else None
+    sent, buckets = [], []
+    share = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        x, y = batch(step, data)
+        before = (state.bytes_sent, state.bucket_calls) if hook else (0, 0)
+        loss = nn.functional.cross_entropy(ddp(x[rank * share:(rank + 1) * share]), y[rank * share:(rank + 1) * share])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if hook:
+            sent.append(state.bytes_sent - before[0])
+            buckets.append(state.bucket_calls - before[1])
+    torch.save({"params": [p.detach() for p in model.parameters()], "sent": sent, "buckets": buckets,
+                "modes": optimizer.switch_report["modes"], "phase": optimizer.phase},
+               os.path.join(folder, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def single_process(world=2):
+    """One process on the global batch. Its loss is written as the mean of the ranks' shares' losses (the
+    same number as the global mean) so that the warm-up rounds exactly as under DDP: CMD assigns each
+    parameter to a mode by an argmax, which rounding-level differences can flip for a borderline one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    data = datasets.digits(seed=0)
+    model, optimizer = model_and_optimizer()
+    share = GLOBAL_BATCH // world
+    for step in range(STEPS):
+        x, y = batch(step, data)
+        losses = [nn.functional.cross_entropy(model(x[r * share:(r + 1) * share]), y[r * share:(r + 1) * share])
+                  for r in range(world)]
+        (sum(losses) / world).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.set_num_threads(threads)
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("hook", [True, False])
+def test_two_ranks_match_one_process_on_the_global_batch(tmp_path, hook):
+    mp.spawn(worker, args=(2, str(tmp_path), hook), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["phase"] == "reduced"
+    for p, q in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(p, q)  # identical on every rank
+    for p, q in zip(ranks[0]["params"], single_process()):
+        torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4)
+    if hook:
+        model, _ = model_and_optimizer()
+        total = sum(p.numel() for p in model.parameters())
+        head = sum(p.numel() for p in model[4].parameters())
+        sent, buckets = ranks[0]["sent"], ranks[0]["buckets"]
+        assert all(b > 1 for b in buckets[1:]), buckets  # DDP rebuilds its buckets after the first step
+        # warm-up: the whole gradient; reduced phase: the mode vector per bucket, plus the free head
+        assert sent[:WARMUP] == [4 * total] * WARMUP
+        expected = [4 * (b * ranks[0]["modes"] + head) for b in buckets[WARMUP:]]
+        assert sent[WARMUP:] == expected
+        assert sent[-1] < sent[0] / 5
+
+
+def disagreeing_worker(rank, world, folder):
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    torch.manual_seed(rank)  # different weights on each rank: no DDP to keep them equal
+    trajectory = torch.randn(6, 500)
+    from cmd_optim import decompose
+    try:
+        check_rank_consistency(decompose(trajectory, modes=3, samples=100))
+        outcome = "passed"
+    except RuntimeError as error:
+        outcome = str(error)
+    torch.save(outcome, os.path.join(folder, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_ranks_that_disagree_are_told_so(tmp_path):
+    mp.spawn(disagreeing_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        outcome = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert "CMD decompositions differ across ranks" in outcome and "DistributedDataParallel" in outcome
+
+
+def test_sharded_setups_are_refused_at_construction():
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    with pytest.raises(TypeError, match="base=ZeroRedundancyOptimizer.*DistributedDataParallel"):
+        CMDOptimizer(nn.Linear(3, 2), base=ZeroRedundancyOptimizer, switch_after=20, snapshot_every=5)
+
+
+def _torchrun(script, *args):
+    import subprocess
+    import sys
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", script, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_trainer_on_two_processes_trains_and_resumes(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("vaderSentiment")
+    script = os.path.join(os.path.dirname(__file__), "ddp_trainer_run.py")
+    _torchrun(script, str(tmp_path / "whole"))
+    _torchrun(script, str(tmp_path / "resumed"), str(tmp_path / "whole" / "checkpoint-25"))  # after the switch
+    runs = {name: [torch.load(tmp_path / name / f"final-rank{r}.pt", weights_only=True) for r in range(2)]
+            for name in ("whole", "resumed")}
+    for name, ranks in runs.items():
+        assert [r["phase"] for r in ranks] == ["reduced", "reduced"] and ranks[0]["steps"] == 40
+        assert all(torch.equal(p, q) for p, q in zip(ranks[0]["params"], ranks[1]["params"])), name
+    assert all(torch.equal(p, q) for p, q in zip(runs["whole"][0]["params"], runs["resumed"][0]["params"]))
+
+
+def test_fsdp_sharded_parameters_are_refused(tmp_path):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        sharded = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))  # what FSDP2 trains
+        with pytest.raises(TypeError, match="FSDP-sharded parameters.*DistributedDataParallel"):
+            CMDOptimizer([sharded], switch_after=20, snapshot_every=5)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_step_without_a_synchronised_backward_is_an_error(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        data = datasets.digits(seed=0)
+        model, optimizer = model_and_optimizer()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        register_cmd_hook(ddp, optimizer)
+        for step in range(WARMUP + 2):
+            x, y = batch(step, data)
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        assert optimizer.phase == "reduced"
+        before = [p.detach().clone() for p in model.parameters()]
+        with ddp.no_sync():
+            nn.functional.cross_entropy(ddp(x), y).backward()
+        with pytest.raises(RuntimeError, match="no mode gradient from the DDP hook"):
+            optimizer.step()
+        assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    finally:
+        dist.destroy_process_group()
