@@ -40,6 +40,17 @@ def accuracy(model, data):
     return (model(data[2]).argmax(1) == data[3]).float().mean().item()
 
 
+def full_batch_losses(model, optimizer, x, y, steps):
+    """``steps`` optimizer steps with a full-batch cross-entropy closure (as LBFGS needs); their losses."""
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    return [float(optimizer.step(closure).detach()) for _ in range(steps)]
+
+
 def roundtrip(state):
     """``state`` through torch.save and ``torch.load(weights_only=True)``."""
     buffer = io.BytesIO()

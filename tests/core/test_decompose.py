@@ -322,7 +322,11 @@ def test_measure_gives_the_fit_quality_in_the_same_pass():
     torch.testing.assert_close(d.fit_quality.relative_error, d.relative_error(trajectory))
     assert d.fit_quality.explained_variance == pytest.approx(d.explained_variance(trajectory), rel=1e-6)
     assert decompose(trajectory, modes=4, samples=300).fit_quality is None
-    d.update(trajectory[-1])
+    large, _, _ = planted(num_params=400_000)  # 16 chunks: the error per snapshot is read on a sample of them
+    d = decompose(large, modes=4, samples=300, measure=True)
+    torch.testing.assert_close(d.fit_quality.relative_error, d.relative_error(large), rtol=0.05, atol=0)
+    assert d.fit_quality.explained_variance == pytest.approx(d.explained_variance(large), rel=1e-5)
+    d.update(large[-1])
     assert d.fit_quality is None  # it described the decomposed trajectory only
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from cmd_optim import CMDOptimizer, Gradual, Modes, decompose
-from tests._helpers import mlp, roundtrip, same_weights
+from tests._helpers import full_batch_losses, mlp, roundtrip, same_weights
 from tests._helpers import train as train_on
 
 KW = dict(modes=4, switch_after=30, snapshot_every=5, lr=0.05, momentum=0.9)
@@ -409,15 +409,7 @@ def test_n2_lbfgs_weights_stay_finite_in_the_reduced_phase(digits):
     model = mlp(hidden=32)
     opt = CMDOptimizer(model, base=torch.optim.LBFGS, lr=1.0, max_iter=1, line_search_fn="strong_wolfe",
                        switch_after=10, snapshot_every=2, modes=10)
-    x, y = digits[0], digits[1]
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    losses = [float(opt.step(closure).detach()) for _ in range(60)]
+    losses = full_batch_losses(model, opt, digits[0], digits[1], 60)
     assert opt.phase == "reduced" and opt.skipped_steps == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert losses[-1] < losses[10]

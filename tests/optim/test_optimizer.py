@@ -8,7 +8,7 @@ import cmd_optim.optim.modes as modes_module
 from benchmarks import datasets
 from cmd_optim import CMDOptimizer, Gradual, Modes
 from cmd_optim.core import ModeMap
-from tests._helpers import accuracy, mlp, roundtrip, same_weights, train
+from tests._helpers import accuracy, full_batch_losses, mlp, roundtrip, same_weights, train
 
 SGD = dict(lr=0.05, momentum=0.9)
 
@@ -237,15 +237,7 @@ def test_closure_with_lbfgs(digits):
     model = mlp(hidden=16)
     optimizer = CMDOptimizer(model, base=torch.optim.LBFGS, modes=4, switch_after=3, snapshot_every=1, lr=1,
                              max_iter=5, line_search_fn="strong_wolfe")
-    x, y = digits[0], digits[1]
-
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
-
-    losses = [float(optimizer.step(closure).detach()) for _ in range(8)]
+    losses = full_batch_losses(model, optimizer, digits[0], digits[1], 8)
     assert optimizer.phase == "reduced"
     assert losses[-1] < losses[3]  # the reduced phase keeps lowering the loss
 
