@@ -1,6 +1,13 @@
+import os
+
 import pytest
+import torch
 
 from benchmarks import datasets
+
+# One intra-op thread unless CMD_TEST_THREADS says otherwise: the results do not depend on it (the suite
+# passes with 2), and on a shared 2-core machine two OpenMP threads per process made it 6-9x slower.
+torch.set_num_threads(int(os.environ.get("CMD_TEST_THREADS", "1")))
 
 
 @pytest.fixture(scope="session")
