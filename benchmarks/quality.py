@@ -14,7 +14,6 @@ digits and MNIST-1D only. Writes the "quality" section of docs/benchmarks.md and
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import statistics
 import time
@@ -23,10 +22,10 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.utils import parameters_to_vector, vector_to_parameters
+from torch.nn.utils import parameters_to_vector
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from cmd_optim import CMDOptimizer, decompose
+from cmd_optim import CMDOptimizer, OnlineCMD
 from cmd_optim.core import FlatLayout
 from cmd_optim.optim import optimizer_state_bytes
 
@@ -218,31 +217,29 @@ def _warmup_with_snapshots(run: Run) -> tuple[torch.Tensor, list[int], torch.opt
 
 
 def online_cmd(run: Run) -> dict:
-    """The base run, evaluated as the Online CMD model ``w = a r + b`` (refit at every snapshot)."""
+    """The base run, evaluated as the paper's Online CMD model (``cmd_optim.OnlineCMD``: a snapshot every
+    ``snapshot_every`` steps, decomposed after the warm-up's snapshots, refit online after that)."""
     task = run.task
-    trajectory, sizes, optimizer = _warmup_with_snapshots(run)
-    d = decompose(trajectory, modes=10, samples=1000, seed=run.seed, layer_sizes=sizes)
-    del trajectory
-    flat = lambda: parameters_to_vector(run.params).detach()  # noqa: E731
-    cmd_model = copy.deepcopy(run.model)
+    cls, kwargs = task.optimizer(task.reference)
+    optimizer = cls(run.params, **kwargs)
+    cmd_model = OnlineCMD(run.model, modes=10, warmup_snapshots=task.warmup // task.snapshot_every + 1,
+                          samples=1000, seed=run.seed)
+    cmd_model.update_parameters(run.model)
     run.errors = []
 
     def after_step(step):
         if step % task.snapshot_every == 0:
-            w = flat()
-            d.update(w)
-            run.errors.append((step, float((w - d.evaluate(w[d.references])).norm() / w.norm())))
+            cmd_model.update_parameters(run.model)
+            if cmd_model.decomposition is not None:
+                w = parameters_to_vector(run.params).detach()
+                held = parameters_to_vector(cmd_model.module.parameters()).detach()
+                run.errors.append((step, float((w - held).norm() / w.norm())))
 
-    def evaluate():
-        vector_to_parameters(d.evaluate(flat()[d.references]), cmd_model.parameters())
-        return run.accuracy(cmd_model)
-
-    run.train(_optimizer_step(run, optimizer), start=task.warmup, after_step=after_step, evaluate=evaluate)
+    run.train(_optimizer_step(run, optimizer), after_step=after_step, evaluate=lambda: run.accuracy(cmd_model))
     n = sum(p.numel() for p in run.params)
-    return dict(test_acc=evaluate(), trainable_dims=n,
-                optimizer_bytes=optimizer_state_bytes(optimizer) + sum(t.numel() * t.element_size()
-                                                                       for t in d.state_dict().values()),
-                floats_per_step=n)
+    fit = sum(t.numel() * t.element_size() for t in cmd_model.decomposition.state_dict().values())
+    return dict(test_acc=run.accuracy(cmd_model), trainable_dims=n,
+                optimizer_bytes=optimizer_state_bytes(optimizer) + fit, floats_per_step=n)
 
 
 def dldr(run: Run, kind: str, lr: float = 1.0) -> dict:

@@ -4,8 +4,8 @@ Layers (each imports only those to its left): ``core`` (the math) <- ``optim`` (
 ``integrations`` (Hugging Face, DDP); ``core`` <- ``analysis`` (checkpoints, reports, Koopman, CLI).
 """
 
-from .core import ColumnSource, Decomposition, decompose
+from .core import ColumnSource, Decomposition, OnlineCMD, decompose
 from .optim import CMDOptimizer, Gradual, Modes
 
-__all__ = ["CMDOptimizer", "ColumnSource", "Decomposition", "Gradual", "Modes", "__version__", "decompose"]
+__all__ = ["CMDOptimizer", "ColumnSource", "Decomposition", "Gradual", "Modes", "OnlineCMD", "__version__", "decompose"]
 __version__ = "0.2.0.dev0"

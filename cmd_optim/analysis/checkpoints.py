@@ -98,15 +98,23 @@ def _state_dict_in(loaded, path: Path) -> dict:
 class CheckpointTrajectory(ColumnSource):
     """The (T, N) trajectory of the floating-point tensors common to all checkpoints, read on demand.
 
-    Columns follow the first checkpoint's tensor order; ``names`` and ``sizes`` give the layers,
-    ``steps`` the step of each checkpoint. ``chunk_elements`` sets how many values one read covers.
+    Columns follow the first checkpoint's tensor order (or ``names``, if given); ``names`` and ``sizes``
+    give the layers, ``steps`` the step of each checkpoint. ``chunk_elements`` sets how many values one
+    read covers.
     """
 
-    def __init__(self, paths, progress: bool = False, chunk_elements: int | None = None) -> None:
+    def __init__(self, paths, progress: bool = False, chunk_elements: int | None = None,
+                 names: list[str] | None = None) -> None:
         self.files = [_Weights(Path(p)) for p in paths]
         self.steps = [checkpoint_step(Path(p)) for p in paths]
         first = self.files[0].shapes
-        self.names = [n for n in first if all(f.shapes.get(n) == first[n] for f in self.files[1:])]
+        common = [n for n in first if all(f.shapes.get(n) == first[n] for f in self.files[1:])]
+        if names is not None:
+            absent = [n for n in names if n not in common]
+            if absent:
+                raise ValueError(f"tensor {absent[0]!r} is not in every checkpoint with one shape")
+            common = list(names)
+        self.names = common
         if not self.names:
             raise ValueError("the checkpoints share no floating-point tensor of one shape")
         self.sizes = [math.prod(first[n]) for n in self.names]
@@ -136,6 +144,10 @@ class CheckpointTrajectory(ColumnSource):
         if self.progress is not None:
             self.progress.update(out.numel())
         return out
+
+    def row(self, index: int) -> torch.Tensor:
+        """Checkpoint ``index`` as one (N,) vector (a whole row: one checkpoint's tensors, read once)."""
+        return self._read_range(self.files[index], 0, self.shape[1])
 
     def _read_range(self, weights: _Weights, start: int, stop: int) -> torch.Tensor:
         parts = []

@@ -20,7 +20,9 @@ from .clustering import abs_correlation, cluster_references
 from .decomposition import CHUNK_ELEMENTS, ColumnSource, Decomposition, FitQuality, chunks, decompose
 from .layout import FlatLayout
 from .mode_map import MAX_SLOPE, ModeMap
+from .online import OnlineCMD
 from .sampling import sample_columns
+from .snapshots import SnapshotBuffer
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -30,6 +32,8 @@ __all__ = [
     "FitQuality",
     "FlatLayout",
     "ModeMap",
+    "OnlineCMD",
+    "SnapshotBuffer",
     "abs_correlation",
     "chunks",
     "cluster_references",

@@ -6,20 +6,23 @@ accumulation, clipping, mixed precision and checkpoints::
     Trainer(model=model, args=args, optimizers=(CMDOptimizer(model, base=torch.optim.AdamW, lr=5e-5), None))
     Trainer(model=model, args=args, optimizer_cls_and_kwargs=trainer_optimizer(model, lr=5e-5, weight_decay=0.01))
 
-and :class:`CMDCallback` puts what the optimizer is doing into the Trainer's logs.
+and :class:`CMDCallback` puts what the optimizer is doing into the Trainer's logs. :class:`OnlineCMDCallback`
+fits the paper's Online CMD model beside any Trainer run, and evaluates and saves it with the Trainer's.
 """
 
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_pt_utils import get_parameter_names
 
+from ..core._checks import check_int
 from ..optim import CMDOptimizer, find_cmd_optimizer
 
-__all__ = ["CMDCallback", "trainer_optimizer"]
+__all__ = ["CMDCallback", "OnlineCMDCallback", "trainer_optimizer"]
 
 #: Parameters without weight decay, as the Trainer groups them: LayerNorm layers, and names with a bias or a norm.
 NO_DECAY_NAMES = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)"]
@@ -105,4 +108,70 @@ class CMDCallback(TrainerCallback):
                 f"{cmd.switch_after}: the run was ordinary {cmd.base_name} training. "
                 "Lower switch_after (it counts optimizer steps, not the scheduler's warmup_steps) or train longer.",
                 stacklevel=2)
+        return control
+
+
+class OnlineCMDCallback(TrainerCallback):
+    """Fits an :class:`~cmd_optim.OnlineCMD` model beside the Trainer's and evaluates and saves it with it.
+
+    Every ``every`` optimizer steps the CMD model takes a snapshot of the Trainer's model. At each
+    evaluation it is run on the evaluation set too: ``eval_cmd_loss`` (and ``eval_cmd_accuracy`` for
+    classifiers) join the metrics and ``log_history``. At each checkpoint its state_dict is written to
+    ``online_cmd.pt`` in the checkpoint folder. A resumed Trainer does not tell callbacks which checkpoint
+    it resumes from: pass the same folder as ``resume_from_checkpoint`` (otherwise the callback looks for
+    ``output_dir/checkpoint-<step>`` and warns if the file is not there).
+    """
+
+    FILE = "online_cmd.pt"
+
+    def __init__(self, cmd_model, every: int = 1, resume_from_checkpoint=None) -> None:
+        self.cmd_model = cmd_model
+        self.every = check_int("every", every, low=1)
+        self.resume_from_checkpoint = resume_from_checkpoint
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            return control
+        folder = self.resume_from_checkpoint or Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        saved = Path(folder) / self.FILE
+        if saved.exists():
+            self.cmd_model.load_state_dict(torch.load(saved, weights_only=True))
+        elif self.resume_from_checkpoint is not None:
+            raise FileNotFoundError(f"{saved} does not exist: the checkpoint holds no Online CMD state")
+        else:
+            warnings.warn(f"resuming at step {state.global_step} without {saved}: the Online CMD model starts "
+                          "afresh; pass resume_from_checkpoint= to OnlineCMDCallback", stacklevel=2)
+        return control
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0:
+            self.cmd_model.update_parameters(model)
+        return control
+
+    @torch.no_grad()
+    def on_evaluate(self, args, state, control, metrics=None, eval_dataloader=None, model=None, **kwargs):
+        if eval_dataloader is None or metrics is None:
+            return control
+        device = next(model.parameters()).device
+        self.cmd_model.to(device).eval()
+        losses, correct, count = [], 0, 0
+        for batch in eval_dataloader:
+            batch = {key: value.to(device) for key, value in batch.items()}
+            output = self.cmd_model(**batch)
+            losses.append(float(output.loss) * len(batch["labels"]))
+            count += len(batch["labels"])
+            logits = getattr(output, "logits", None)
+            if logits is not None and logits.shape[:-1] == batch["labels"].shape:
+                correct += int((logits.argmax(-1) == batch["labels"]).sum())
+        cmd_metrics = {"eval_cmd_loss": sum(losses) / max(count, 1)}
+        if correct or count:
+            cmd_metrics["eval_cmd_accuracy"] = correct / max(count, 1)
+        metrics.update(cmd_metrics)
+        state.log_history.append({**cmd_metrics, "step": state.global_step})
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if folder.is_dir():
+            torch.save(self.cmd_model.state_dict(), folder / self.FILE)
         return control

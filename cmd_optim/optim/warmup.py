@@ -6,9 +6,9 @@ from collections.abc import Callable
 
 import torch
 
+from ..core import SnapshotBuffer
 from ._params import all_finite, tensor_bytes
 from .phase import Setup, guarded_step
-from .snapshots import SnapshotBuffer
 
 __all__ = ["WarmupPhase"]
 

@@ -130,3 +130,22 @@ def test_command_line_errors_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli(["analyze", "--help"])
     assert "parameters the clustering sees" in capsys.readouterr().out
+
+
+def test_online_cmd_built_from_checkpoints_equals_the_one_fitted_during_the_run(recorded_run, tmp_path):
+    """The same snapshots, decomposed streamed from the files and refitted file by file, give the model that
+    OnlineCMD fitted in memory."""
+    from cmd_optim import OnlineCMD
+
+    root, trajectory = recorded_run
+    model = mlp(hidden=32)
+    live = OnlineCMD(model, modes=4, warmup_snapshots=6, samples=300)
+    for row in trajectory:
+        torch.nn.utils.vector_to_parameters(row, model.parameters())
+        live.update_parameters(model)
+    built = analysis.online_cmd_from_checkpoints(mlp(hidden=32), root / "pt", warmup_snapshots=6, modes=4,
+                                                 samples=300)
+    assert built.snapshots_seen == live.snapshots_seen == len(trajectory)
+    assert torch.equal(built.decomposition.assignment, live.decomposition.assignment)
+    for p, q in zip(built.module.parameters(), live.module.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)

@@ -218,3 +218,29 @@ def test_training_that_ends_before_the_switch_warns(tmp_path, data, fresh_model)
                       optimizers=(cmd(model), None), callbacks=[CMDCallback()])
     with pytest.warns(UserWarning, match="training ended after 10 optimizer steps, before CMD's switch at step 20"):
         trainer.train()
+
+
+def test_online_cmd_callback_fits_evaluates_saves_and_resumes(tmp_path, data, fresh_model):
+    from cmd_optim import OnlineCMD
+    from cmd_optim.integrations.hf import OnlineCMDCallback
+
+    def run(output, resume=None):
+        model = fresh_model()
+        cmd_model = OnlineCMD(model, modes=4, warmup_snapshots=4, samples=200)
+        callback = OnlineCMDCallback(cmd_model, every=5, resume_from_checkpoint=resume)
+        args = arguments(output, save_strategy="steps", save_steps=20, eval_strategy="steps", eval_steps=20)
+        trainer = Trainer(model=model, args=args, train_dataset=data[0], eval_dataset=data[1],
+                          optimizers=(torch.optim.AdamW(model.parameters(), lr=3e-3), None), callbacks=[callback])
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer, cmd_model
+
+    trainer, cmd_model = run(tmp_path / "whole")
+    assert cmd_model.snapshots_seen == 8 and cmd_model.decomposition is not None
+    evaluations = [log for log in trainer.state.log_history if "eval_cmd_loss" in log]
+    assert [log["step"] for log in evaluations] == [20, 40]
+    assert 0 <= evaluations[-1]["eval_cmd_accuracy"] <= 1
+    assert (tmp_path / "whole" / "checkpoint-20" / "online_cmd.pt").exists()
+    _, resumed = run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-20"))
+    assert resumed.snapshots_seen == 8
+    for p, q in zip(cmd_model.module.parameters(), resumed.module.parameters()):
+        assert torch.equal(p, q)

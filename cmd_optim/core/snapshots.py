@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..core import FlatLayout
+from .layout import FlatLayout
 
 __all__ = ["SnapshotBuffer"]
 
@@ -27,14 +27,15 @@ class SnapshotBuffer:
         return self.data.shape[0]
 
     @torch.no_grad()
-    def record(self) -> None:
-        """Append the parameters' current values. A value the snapshot dtype cannot hold (a finite weight
-        beyond float16's 65504) raises here, not after the warm-up."""
+    def record(self, tensors=None) -> None:
+        """Append the current values of ``params`` (or of ``tensors``, shaped like them). A value the snapshot
+        dtype cannot hold (a finite weight beyond float16's 65504) raises here, not after the warm-up."""
         if self.count == self.capacity:
             raise RuntimeError(f"snapshot buffer is full ({self.count} snapshots)")
-        row = self.layout.flatten(self.params, out=self.data[self.count])
+        tensors = self.params if tensors is None else list(tensors)
+        row = self.layout.flatten(tensors, out=self.data[self.count])
         if self.data.dtype.itemsize < 4 and not bool(torch.isfinite(row).all()):
-            for p in self.params:
+            for p in tensors:
                 if torch.isfinite(p).all() and not torch.isfinite(p.detach().to(self.data.dtype)).all():
                     raise OverflowError(
                         f"a parameter of shape {tuple(p.shape)} holds a value beyond "

@@ -1,0 +1,159 @@
+"""OnlineCMD: the CMD model of a run, fitted online beside it (the paper's evaluated model)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.optim.swa_utils import update_bn
+
+from cmd_optim import OnlineCMD
+from tests._helpers import batch_index, mlp, roundtrip
+from tests.core.test_decompose import planted, purity
+
+
+def _module_of(vector):
+    module = nn.Linear(vector.numel(), 1, bias=False)
+    with torch.no_grad():
+        module.weight.copy_(vector.view(1, -1))
+    return module
+
+
+def test_planted_modes_are_recovered_through_update_parameters():
+    trajectory, truth, _ = planted(num_params=4000, snapshots=30)
+    model = _module_of(trajectory[0])
+    cmd = OnlineCMD(model, modes=4, warmup_snapshots=12, samples=400)
+    for t, row in enumerate(trajectory):
+        with torch.no_grad():
+            model.weight.copy_(row.view(1, -1))
+        cmd.update_parameters(model)
+        if t < 11:
+            assert cmd.decomposition is None
+            assert torch.equal(cmd.module.weight, model.weight)  # the copy follows the latest snapshot
+    d = cmd.decomposition
+    assert d.num_modes == 4 and purity(d.assignment, truth, 4) >= 0.99 and d.num_snapshots == 30
+    torch.testing.assert_close(cmd.module.weight.view(-1), d.evaluate(trajectory[-1][d.references]))
+    torch.testing.assert_close(cmd(torch.ones(4000)), cmd.module(torch.ones(4000)))
+
+
+@pytest.fixture(scope="module")
+def sgd_run(digits):
+    """A real run: digits MLP, SGD at a constant rate, a snapshot every 10 steps (40 snapshots)."""
+    model = mlp(hidden=32)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cmd = OnlineCMD(model, modes=6, warmup_snapshots=15, samples=500)
+    snapshots = []
+    x, y = digits[0], digits[1]
+    for step in range(400):
+        index = batch_index(step, len(x), 64)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[index]), y[index]).backward()
+        optimizer.step()
+        if (step + 1) % 10 == 0:
+            cmd.update_parameters(model)
+            snapshots.append(torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone())
+    return model, cmd, torch.stack(snapshots)
+
+
+def test_the_held_model_is_the_batch_least_squares_cmd_model(sgd_run):
+    _, cmd, trajectory = sgd_run
+    d = cmd.decomposition
+    w = trajectory.double().numpy()
+    r = w[:, d.references.numpy()][:, d.assignment.numpy()]
+    rc, wc = r - r.mean(0), w - w.mean(0)
+    var = (rc**2).sum(0)
+    a = np.where(var > 0, (rc * wc).sum(0) / np.where(var > 0, var, 1), 0)
+    b = w.mean(0) - a * r.mean(0)
+    batch_model = torch.from_numpy(a * w[-1, d.references.numpy()][d.assignment.numpy()] + b).float()
+    held = torch.nn.utils.parameters_to_vector(cmd.module.parameters()).detach()
+    torch.testing.assert_close(held, batch_model, atol=1e-5, rtol=1e-5)
+
+
+def test_state_does_not_grow_beyond_the_profiles(sgd_run, digits):
+    model, cmd, _ = sgd_run
+    sizes = []
+    for _ in range(2):
+        sizes.append(sum(t.numel() * t.element_size() for t in cmd.get_extra_state()["decomposition"].values()))
+        for _ in range(10):
+            cmd.update_parameters(model)
+    assert sizes[1] - sizes[0] == 10 * cmd.decomposition.num_modes * 4 and cmd.snapshot_bytes == 0
+
+
+@pytest.mark.parametrize("stop", [8, 25])  # in the warm-up, and after the decomposition
+def test_resume_from_the_state_dict_is_exact(digits, stop):
+    def run(until, cmd=None, model=None, start=0):
+        model = model or mlp(hidden=16)
+        cmd = cmd or OnlineCMD(model, modes=4, warmup_snapshots=10, samples=200)
+        for snap in range(start, until):
+            with torch.no_grad():  # a deterministic stand-in for training between snapshots
+                for k, p in enumerate(model.parameters()):
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 * snap + k)) * 0.01)
+            cmd.update_parameters(model)
+        return model, cmd
+
+    model, whole = run(40)
+    first_model, first = run(stop)
+    saved_model, saved = roundtrip(first_model.state_dict()), roundtrip(first.state_dict())
+    resumed_model = mlp(hidden=16)
+    resumed_model.load_state_dict(saved_model)
+    resumed = OnlineCMD(resumed_model, modes=4, warmup_snapshots=10, samples=200)
+    resumed.load_state_dict(saved)
+    run(40, resumed, resumed_model, start=stop)
+    for p, q in zip(whole.module.parameters(), resumed.module.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_buffers_follow_the_model_and_update_bn_works():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    cmd = OnlineCMD(model, modes=2, warmup_snapshots=4, samples=20)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data = torch.randn(64, 6)
+    for _ in range(8):
+        optimizer.zero_grad()
+        model(data).square().mean().backward()
+        optimizer.step()
+        cmd.update_parameters(model)
+    assert torch.equal(cmd.module[1].running_mean, model[1].running_mean)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=64)
+    update_bn(loader, cmd)
+    with torch.no_grad():
+        expected = cmd.module[0](data).mean(0)
+    torch.testing.assert_close(cmd.module[1].running_mean, expected)
+
+
+def test_only_the_named_parameters_take_part():
+    model = mlp(hidden=8)
+    cmd = OnlineCMD(model, modes=2, warmup_snapshots=3, samples=20, params=["0.*", "2.*"])
+    assert cmd.names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        cmd.update_parameters(model)
+    assert torch.equal(cmd.module[4].weight, model[4].weight)  # copied, not modelled
+    assert cmd.decomposition.num_params == 8 * 64 + 8 + 8 * 8 + 8
+    with pytest.raises(ValueError, match="params pattern 'head.*' matches no parameter name"):
+        OnlineCMD(model, params="head.*")
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(warmup_snapshots=2), ValueError, "warmup_snapshots must be an integer >= 3"),
+    (dict(modes=5, samples=4), ValueError, r"samples must be >= modes \(5\)"),
+    (dict(snapshot_dtype=torch.int32), ValueError, "snapshot_dtype must be a floating-point dtype"),
+    (dict(device="meta"), ValueError, "device must hold real data"),
+])
+def test_bad_arguments_are_named(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        OnlineCMD(mlp(hidden=4), **kwargs)
+
+
+def test_half_precision_snapshots():
+    trajectory, truth, _ = planted(num_params=3000, snapshots=20)
+    model = _module_of(trajectory[0])
+    cmd = OnlineCMD(model, modes=4, warmup_snapshots=10, samples=300, snapshot_dtype=torch.float16)
+    assert cmd.snapshot_bytes == 10 * 3000 * 2
+    for row in trajectory:
+        with torch.no_grad():
+            model.weight.copy_(row.view(1, -1))
+        cmd.update_parameters(model)
+    assert purity(cmd.decomposition.assignment, truth, 4) >= 0.98 and cmd.snapshot_bytes == 0
