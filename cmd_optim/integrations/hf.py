@@ -21,6 +21,7 @@ from transformers.trainer_pt_utils import get_parameter_names
 
 from ..core._checks import check_int
 from ..optim import CMDOptimizer, find_cmd_optimizer
+from .ddp import register_cmd_hook
 
 __all__ = ["CMDCallback", "OnlineCMDCallback", "trainer_optimizer"]
 
@@ -59,18 +60,35 @@ class CMDCallback(TrainerCallback):
     ``cmd/explained_variance``. They go into ``trainer.state.log_history`` too.
 
     Reporters (TensorBoard, W&B, ...) are callbacks that run in order; to have them see these keys,
-    add the callback in front of them with :meth:`install`.
+    add the callback in front of them with :meth:`install`. Installed that way it also registers the
+    CMD communication hook (:func:`cmd_optim.integrations.ddp.register_cmd_hook`) on the Trainer's own
+    DistributedDataParallel wrapper under ``torchrun``; ``hook_state`` then counts the bytes sent.
     """
 
     def __init__(self) -> None:
         self._switch_logged = False
+        self._trainer = None
+        self.hook_state = None
 
     @classmethod
     def install(cls, trainer) -> CMDCallback:
-        """Put a new CMDCallback first among ``trainer``'s callbacks, so every reporter sees its keys."""
+        """Put a new CMDCallback first among ``trainer``'s callbacks, so every reporter sees its keys, and
+        let it register the DDP communication hook on the Trainer's wrapper when there is one."""
         callback = cls()
+        callback._trainer = trainer
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        wrapped = getattr(self._trainer, "model_wrapped", None)
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and self.hook_state is None:
+            cmd = find_cmd_optimizer(optimizer)
+            if cmd is not None and not cmd.mode_exchange.hooked:
+                self.hook_state = register_cmd_hook(wrapped, cmd)
+        elif self._trainer is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            warnings.warn("CMDCallback() passed to the Trainer cannot reach its DDP wrapper; use "
+                          "CMDCallback.install(trainer) to register the CMD communication hook", stacklevel=2)
+        return control
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):
         cmd = find_cmd_optimizer(optimizer)

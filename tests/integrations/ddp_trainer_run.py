@@ -7,13 +7,26 @@ import sys
 
 import torch
 import torch.distributed as dist
-from transformers import BertForSequenceClassification, Trainer, TrainingArguments
+from transformers import BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository: benchmarks, tests
 
 from benchmarks import datasets  # noqa: E402
 from cmd_optim import CMDOptimizer  # noqa: E402
+from cmd_optim.integrations.hf import CMDCallback  # noqa: E402
 from tests._helpers import Words, tiny_bert_config  # noqa: E402
+
+
+class BytesPerStep(TrainerCallback):
+    """What the CMD hook sent in each optimizer step."""
+
+    def __init__(self, cmd_callback):
+        self.cmd_callback, self.sent, self.last = cmd_callback, [], 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        total = self.cmd_callback.hook_state.bytes_sent
+        self.sent.append(total - self.last)
+        self.last = total
 
 
 def main(output, checkpoint=None):
@@ -27,10 +40,14 @@ def main(output, checkpoint=None):
                              ddp_backend="gloo", dataloader_num_workers=0, logging_steps=10)
     trainer = Trainer(model=model, args=args, train_dataset=Words(train_x[:1000], train_y[:1000]),
                       optimizers=(optimizer, None))
+    recorder = BytesPerStep(CMDCallback.install(trainer))  # registers the CMD hook on the Trainer's DDP wrapper
+    trainer.add_callback(recorder)
     trainer.train(resume_from_checkpoint=checkpoint)
     rank = dist.get_rank()
     torch.save({"params": [p.detach() for p in model.parameters()], "phase": optimizer.phase,
-                "steps": optimizer.steps_taken}, os.path.join(output, f"final-rank{rank}.pt"))
+                "steps": optimizer.steps_taken, "sent": recorder.sent, "modes": optimizer.switch_report["modes"],
+                "num_params": sum(p.numel() for p in model.parameters())},
+               os.path.join(output, f"final-rank{rank}.pt"))
     dist.destroy_process_group()
 
 

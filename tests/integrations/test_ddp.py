@@ -143,6 +143,10 @@ def test_trainer_on_two_processes_trains_and_resumes(tmp_path):
     for name, ranks in runs.items():
         assert [r["phase"] for r in ranks] == ["reduced", "reduced"] and ranks[0]["steps"] == 40
         assert all(torch.equal(p, q) for p, q in zip(ranks[0]["params"], ranks[1]["params"])), name
+    # the hook sat on the Trainer's own DDP wrapper: the whole gradient in the warm-up, the mode vector after
+    whole = runs["whole"][0]
+    assert whole["sent"][:20] == [4 * whole["num_params"]] * 20
+    assert whole["sent"][20:] == [4 * whole["modes"]] * 20
     assert all(torch.equal(p, q) for p, q in zip(runs["whole"][0]["params"], runs["resumed"][0]["params"]))
 
 
