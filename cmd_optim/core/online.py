@@ -20,7 +20,7 @@ from torch import nn
 from ._checks import check_device, check_dtype, check_int
 from .decomposition import Decomposition, decompose
 from .layout import FlatLayout
-from .snapshots import SnapshotBuffer
+from .snapshots import SnapshotBuffer, open_saved
 
 __all__ = ["OnlineCMD"]
 
@@ -36,6 +36,7 @@ class OnlineCMD(nn.Module):
             parameter); the others, and every buffer (BatchNorm statistics), are copied from the model.
         snapshot_dtype, snapshot_device: how the warm-up snapshots are kept (``warmup_snapshots * N *
             itemsize`` bytes, freed at the decomposition).
+        snapshot_dir: a folder: the warm-up snapshots go to a file there instead of memory.
         device: where the decomposition and its running fit live (default: ``snapshot_device``): 24 bytes
             per parameter, plus M numbers per snapshot seen.
 
@@ -47,7 +48,7 @@ class OnlineCMD(nn.Module):
     def __init__(self, model: nn.Module, modes: int = 10, warmup_snapshots: int = 20, samples: int = 1000,
                  seed: int = 0, params: str | Iterable[str] | None = None,
                  snapshot_dtype: torch.dtype = torch.float32, snapshot_device: torch.device | str = "cpu",
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, snapshot_dir: str | None = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -60,6 +61,7 @@ class OnlineCMD(nn.Module):
         self.snapshot_dtype = check_dtype("snapshot_dtype", snapshot_dtype)
         self.snapshot_device = check_device("snapshot_device", snapshot_device)
         self.fit_device = self.snapshot_device if device is None else check_device("device", device)
+        self.snapshot_dir = snapshot_dir
         self.module = copy.deepcopy(model)
         self.names = _taking_part(self.module, params)
         held = dict(self.module.named_parameters())
@@ -70,7 +72,8 @@ class OnlineCMD(nn.Module):
         self._buffer: SnapshotBuffer | None = self._new_buffer()
 
     def _new_buffer(self) -> SnapshotBuffer:
-        return SnapshotBuffer(self._held, self.warmup_snapshots, self.snapshot_device, self.snapshot_dtype)
+        return SnapshotBuffer(self._held, self.warmup_snapshots, self.snapshot_device, self.snapshot_dtype,
+                              self.snapshot_dir)
 
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
@@ -95,9 +98,13 @@ class OnlineCMD(nn.Module):
             if self.snapshots_seen < self.warmup_snapshots:
                 self._place(flat)
                 return
-            trajectory = self._buffer.trajectory().to(self.fit_device)
-            self.decomposition = decompose(trajectory, modes=self.modes, samples=self.samples, seed=self.seed,
-                                           layer_sizes=self.layout.sizes)
+            trajectory = self._buffer.trajectory()
+            if isinstance(trajectory, torch.Tensor):
+                trajectory = trajectory.to(self.fit_device)
+            d = decompose(trajectory, modes=self.modes, samples=self.samples, seed=self.seed,
+                          layer_sizes=self.layout.sizes)
+            self.decomposition = _on(self.fit_device, d)
+            self._buffer.release()
             self._buffer = None  # the snapshots are freed here
         else:
             self.decomposition.update(flat)
@@ -111,9 +118,7 @@ class OnlineCMD(nn.Module):
         if decomposition.num_params != self.layout.numel:
             raise ValueError(f"the decomposition covers {decomposition.num_params} parameters, this model "
                              f"{self.layout.numel}")
-        if decomposition.a.device != self.fit_device:
-            decomposition = Decomposition.from_state_dict(
-                {key: value.to(self.fit_device) for key, value in decomposition.state_dict().items()})
+        decomposition = _on(self.fit_device, decomposition)
         self.decomposition = decomposition
         self._buffer = None
         self.snapshots_seen = decomposition.num_snapshots
@@ -142,7 +147,7 @@ class OnlineCMD(nn.Module):
         if self.decomposition is not None:
             state["decomposition"] = self.decomposition.state_dict()
         else:
-            state["snapshots"] = self._buffer.trajectory().clone()
+            state["snapshots"] = self._buffer.saved()
         return state
 
     def set_extra_state(self, state: dict) -> None:
@@ -150,14 +155,14 @@ class OnlineCMD(nn.Module):
             raise ValueError("the OnlineCMD state was saved for other parameters (names differ)")
         seen = int(state["snapshots_seen"])
         if "decomposition" in state:
-            d = Decomposition.from_state_dict({k: v.to(self.fit_device) for k, v in state["decomposition"].items()})
+            d = _on(self.fit_device, Decomposition.from_state_dict(state["decomposition"]))
             if d.num_params != self.layout.numel:
                 raise ValueError(f"the OnlineCMD state decomposes {d.num_params} parameters, this one has "
                                  f"{self.layout.numel}")
             self.decomposition, self._buffer = d, None
         else:
             buffer = self._new_buffer()
-            buffer.load(state["snapshots"])
+            buffer.load(open_saved(state["snapshots"]))
             if buffer.count != seen:
                 raise ValueError(f"the OnlineCMD state holds {buffer.count} snapshots but counts {seen}")
             self.decomposition, self._buffer = None, buffer
@@ -167,6 +172,13 @@ class OnlineCMD(nn.Module):
     def snapshot_bytes(self) -> int:
         """Memory held by the warm-up snapshots (0 after the decomposition)."""
         return self._buffer.nbytes if self._buffer is not None else 0
+
+
+def _on(device: torch.device, d: Decomposition) -> Decomposition:
+    """``d`` with its tensors on ``device`` (``d`` itself if they are there)."""
+    if d.a.device == device:
+        return d
+    return Decomposition.from_state_dict({key: value.to(device) for key, value in d.state_dict().items()})
 
 
 def _taking_part(module: nn.Module, patterns) -> list[str]:

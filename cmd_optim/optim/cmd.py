@@ -42,6 +42,9 @@ class CMDOptimizer(torch.optim.Optimizer):
             ``requires_grad=False`` at construction are kept free too (and train if they are unfrozen).
         snapshot_device, snapshot_dtype: where and how the warm-up snapshots are kept. They take
             ``(switch_after // snapshot_every + 1) * N * itemsize`` bytes, freed at the switch.
+        snapshot_dir: a folder: the snapshots go to a file there instead of memory (read back a chunk of
+            columns at a time at the switch, deleted after it). A warm-up state_dict then names that file,
+            so a resumed run needs it.
         reduction: what happens after the switch: ``"modes"`` / :class:`Modes` (train the mode
             coefficients only) or ``"gradual"`` / :class:`Gradual` (the paper's embedded CMD).
         keep_decomposition: keep the switch's :class:`Decomposition` in ``self.decomposition`` (24 bytes per
@@ -66,6 +69,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         keep_free: str | Iterable[str] = (),
         snapshot_device: torch.device | str = "cpu",
         snapshot_dtype: torch.dtype = torch.float32,
+        snapshot_dir: str | None = None,
         reduction: str | Modes | Gradual = "modes",
         keep_decomposition: bool = False,
         *,
@@ -93,8 +97,11 @@ class CMDOptimizer(torch.optim.Optimizer):
         params = gather_params(model, keep_free)
         refuse_sharding(model, [p for g in params.groups for p in g["params"]], base)
         device, dtype = check_device("snapshot_device", snapshot_device), check_dtype("snapshot_dtype", snapshot_dtype)
+        if snapshot_dir is not None and device.type != "cpu":
+            raise ValueError(f"snapshot_dir keeps the snapshots in a file; snapshot_device={snapshot_device!r} "
+                             "cannot apply (leave it at 'cpu')")
         self._setup = Setup(params, BaseFactory(base, base_kwargs), switch_after, snapshot_every, device, dtype,
-                            ModeExchange(params.tracked))
+                            None if snapshot_dir is None else str(snapshot_dir), ModeExchange(params.tracked))
         self.keep_decomposition = keep_decomposition
         self._phase: Phase = WarmupPhase(self._setup)
         self._constructing = True

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 
+from ..core import SnapshotBuffer
 from ._params import BaseFactory, ParamSet, all_finite
 from .exchange import ModeExchange
 
@@ -29,12 +30,18 @@ class Setup:
     snapshot_every: int
     snapshot_device: torch.device
     snapshot_dtype: torch.dtype
+    snapshot_dir: str | None
     exchange: ModeExchange
 
     @property
     def num_snapshots(self) -> int:
         """Snapshots of the warm-up: at step 0 and every ``snapshot_every`` steps up to the switch."""
         return self.switch_after // self.snapshot_every + 1
+
+    def snapshot_buffer(self) -> SnapshotBuffer:
+        """An empty buffer for the warm-up's snapshots, as the settings say."""
+        return SnapshotBuffer(self.params.tracked, self.num_snapshots, self.snapshot_device, self.snapshot_dtype,
+                              self.snapshot_dir)
 
     def base_on_copies(self) -> torch.optim.Optimizer:
         """A new base optimizer on copies of the visible group dicts (see :meth:`adopt_groups`)."""

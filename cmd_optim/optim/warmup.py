@@ -7,6 +7,7 @@ from collections.abc import Callable
 import torch
 
 from ..core import SnapshotBuffer
+from ..core.snapshots import open_saved
 from ._params import all_finite, tensor_bytes
 from .phase import Setup, guarded_step
 
@@ -17,7 +18,8 @@ class WarmupPhase:
     """Ordinary training with the base optimizer, exactly as it would run alone.
 
     A snapshot of the tracked parameters is taken at step 0 and every ``snapshot_every`` steps up to the
-    switch, into a :class:`SnapshotBuffer` of ``setup.num_snapshots`` rows.
+    switch, into a :class:`SnapshotBuffer` of ``setup.num_snapshots`` rows (in memory, or in a file in
+    ``snapshot_dir``; a state_dict then names the file instead of holding the snapshots).
     """
 
     name = "warmup"
@@ -31,8 +33,7 @@ class WarmupPhase:
             setup.adopt_groups(optimizer)
         self.optimizer = optimizer
         if snapshots is None:
-            snapshots = SnapshotBuffer(setup.params.tracked, setup.num_snapshots, setup.snapshot_device,
-                                       setup.snapshot_dtype)
+            snapshots = setup.snapshot_buffer()
             snapshots.record()
         self.snapshots = snapshots
 
@@ -53,20 +54,24 @@ class WarmupPhase:
         return tensor_bytes(self.optimizer.state) + self.snapshots.nbytes
 
     def extra_state(self) -> dict:
-        return {"snapshots": self.snapshots.trajectory().clone()}
+        return {"snapshots": self.snapshots.saved()}
 
     @classmethod
     def load(cls, setup: Setup, envelope: dict, extra: dict, steps_taken: int) -> WarmupPhase:
         """A warm-up phase from saved state, built beside the live one: nothing live is touched."""
-        snapshots = extra.get("snapshots")
-        if not isinstance(snapshots, torch.Tensor):
-            raise ValueError("the warm-up state_dict has no 'snapshots' tensor")
+        if "snapshots" not in extra:
+            raise ValueError("the warm-up state_dict has no 'snapshots'")
+        snapshots = open_saved(extra["snapshots"])
         expected = min(steps_taken, setup.switch_after) // setup.snapshot_every + 1
-        if snapshots.ndim != 2 or len(snapshots) != expected:
-            raise ValueError(f"the warm-up state_dict holds {len(snapshots)} snapshots after {steps_taken} steps; "
+        if len(snapshots.shape) != 2 or snapshots.shape[0] != expected:
+            raise ValueError(f"the warm-up state_dict holds {snapshots.shape[0]} snapshots after {steps_taken} steps; "
                              f"with snapshot_every={setup.snapshot_every} this optimizer expects {expected}")
-        buffer = SnapshotBuffer(setup.params.tracked, setup.num_snapshots, setup.snapshot_device, setup.snapshot_dtype)
-        buffer.load(snapshots)
+        buffer = setup.snapshot_buffer()
+        try:
+            buffer.load(snapshots)
+        except Exception:
+            buffer.release()
+            raise
         optimizer = setup.base_on_copies()
         load_base_state(optimizer, envelope)
         return cls(setup, optimizer, buffer)

@@ -157,3 +157,26 @@ def test_half_precision_snapshots():
             model.weight.copy_(row.view(1, -1))
         cmd.update_parameters(model)
     assert purity(cmd.decomposition.assignment, truth, 4) >= 0.98 and cmd.snapshot_bytes == 0
+
+
+def test_snapshots_in_a_file_give_the_same_model_and_resume(tmp_path):
+    trajectory, _, _ = planted(num_params=3000, snapshots=20)
+    models = {}
+    for where in ("memory", "file"):
+        model = _module_of(trajectory[0])
+        cmd = OnlineCMD(model, modes=4, warmup_snapshots=10, samples=300,
+                        snapshot_dir=str(tmp_path) if where == "file" else None)
+        for t, row in enumerate(trajectory):
+            with torch.no_grad():
+                model.weight.copy_(row.view(1, -1))
+            cmd.update_parameters(model)
+            if where == "file" and t == 5:
+                assert cmd.snapshot_bytes == 0 and len(list(tmp_path.iterdir())) == 1
+                saved = roundtrip(cmd.state_dict())  # names a lasting link to the rows so far
+                again = OnlineCMD(_module_of(row), modes=4, warmup_snapshots=10, samples=300, snapshot_dir=str(tmp_path))
+                again.load_state_dict(saved)
+                assert again.snapshots_seen == 6
+                del again  # its own file goes with it
+        models[where] = cmd
+    assert torch.equal(models["memory"].module.weight, models["file"].module.weight)
+    assert not [p for p in tmp_path.iterdir() if "-rows" not in p.name]  # the working files are gone

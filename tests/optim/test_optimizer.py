@@ -391,3 +391,27 @@ def test_deprecated_argument_names_still_work_with_a_warning(digits):
     assert isinstance(modes.reduction, Modes) and modes.reduction.max_slope == 4.0
     with pytest.raises(TypeError, match="pass switch_after only"):
         CMDOptimizer(mlp(hidden=8), switch_after=30, warmup_steps=30)
+
+
+def test_snapshots_in_a_file_train_like_snapshots_in_memory_and_resume(digits, tmp_path):
+    def build(folder):
+        model = mlp(hidden=32)
+        return model, cmd(model, switch_after=60, snapshot_every=10, snapshot_dir=folder)
+
+    memory_model, memory_opt = build(None)
+    file_model, file_opt = build(str(tmp_path))
+    assert file_opt.snapshot_bytes == 0 and len(list(tmp_path.iterdir())) == 1
+    train(memory_model, memory_opt, digits, 30)
+    train(file_model, file_opt, digits, 30)
+    saved = roundtrip(file_opt.state_dict())  # names a lasting link to the 4 rows so far
+    train(memory_model, memory_opt, digits, 90, start=30)
+    train(file_model, file_opt, digits, 90, start=30)
+    assert file_opt.phase == "reduced" and same_weights(memory_model, file_model)
+    assert [p.name.endswith("-rows4.bin") for p in tmp_path.iterdir()] == [True]  # the working file is gone
+    resumed_model, resumed_opt = build(str(tmp_path))
+    first, _ = build(None)
+    train(first, cmd(first, switch_after=60, snapshot_every=10), digits, 30)
+    resumed_model.load_state_dict(first.state_dict())
+    resumed_opt.load_state_dict(saved)
+    train(resumed_model, resumed_opt, digits, 90, start=30)
+    assert same_weights(memory_model, resumed_model)
