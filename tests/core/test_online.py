@@ -173,7 +173,8 @@ def test_snapshots_in_a_file_give_the_same_model_and_resume(tmp_path):
             if where == "file" and t == 5:
                 assert cmd.snapshot_bytes == 0 and len(list(tmp_path.iterdir())) == 1
                 saved = roundtrip(cmd.state_dict())  # names a lasting link to the rows so far
-                again = OnlineCMD(_module_of(row), modes=4, warmup_snapshots=10, samples=300, snapshot_dir=str(tmp_path))
+                again = OnlineCMD(_module_of(row), modes=4, warmup_snapshots=10, samples=300,
+                                  snapshot_dir=str(tmp_path))
                 again.load_state_dict(saved)
                 assert again.snapshots_seen == 6
                 del again  # its own file goes with it
