@@ -17,7 +17,16 @@ phi_m / psi    the trained number of a mode after the switch    mode *coefficien
 """
 
 from .clustering import abs_correlation, cluster_references
-from .decomposition import CHUNK_ELEMENTS, ColumnSource, Decomposition, FitQuality, chunks, decompose
+from .decomposition import (
+    CHUNK_ELEMENTS,
+    ColumnSource,
+    Decomposition,
+    FitQuality,
+    SlopeFit,
+    chunks,
+    decompose,
+    fit_slopes,
+)
 from .layout import FlatLayout
 from .mode_map import MAX_SLOPE, ModeMap
 from .online import OnlineCMD
@@ -33,10 +42,12 @@ __all__ = [
     "FlatLayout",
     "ModeMap",
     "OnlineCMD",
+    "SlopeFit",
     "SnapshotBuffer",
     "abs_correlation",
     "chunks",
     "cluster_references",
     "decompose",
+    "fit_slopes",
     "sample_columns",
 ]

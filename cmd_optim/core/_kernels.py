@@ -13,6 +13,7 @@ rows usually share one) from serialising ``bincount`` on a single bin (5x slower
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,55 +43,72 @@ class _Block:
 
 
 class PackedBlocks:
-    """The blocks of one mode map, with per-parameter views of their slopes and bins.
+    """The blocks of one mode map, over flat per-element slopes and modes, with per-parameter views.
 
     Args:
-        slopes: one float32 tensor per mapped parameter, shaped like it.
-        modes: one integer tensor per mapped parameter (values in ``[0, num_modes)``), shaped like it.
-        groups: the parameter-group index of each mapped parameter.
+        slopes: (N,) float32, the slopes of the mapped parameters laid end to end (their logical order).
+        modes: (N,) uint8, their modes in ``[0, num_modes)``; turned into histogram bins in place.
+        shapes, groups, devices: each mapped parameter's shape, parameter-group index and device.
         num_modes: M (at most 256).
         chunk, pack_below, lanes: the layout knobs (module defaults ``CHUNK``, ``PACK_BELOW``, ``LANES``).
+
+    The blocks are slices of ``slopes`` and ``modes`` (no copies) where a parameter lives on their device;
+    the map then takes 5 bytes per parameter in all.
     """
 
-    def __init__(self, slopes, modes, groups, num_modes: int, *, chunk: int = CHUNK, pack_below: int = PACK_BELOW,
-                 lanes: int = LANES) -> None:
+    def __init__(self, slopes: torch.Tensor, modes: torch.Tensor, shapes, groups, devices, num_modes: int, *,
+                 chunk: int = CHUNK, pack_below: int = PACK_BELOW, lanes: int = LANES) -> None:
         self.groups = list(groups)
         self.num_modes = num_modes
         self.chunk = chunk
         self.lanes = max(1, min(lanes, 256 // num_modes))
-        self.blocks = [self._block(members, slopes, modes) for members in self._packing(slopes, pack_below)]
-        self.slopes, self.bins = [None] * len(slopes), [None] * len(slopes)
+        sizes = [math.prod(shape) for shape in shapes]
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        self.blocks = []
+        for members in self._packing(sizes, devices, pack_below):
+            start, stop = offsets[members[0]], offsets[members[-1] + 1]
+            device = devices[members[0]]
+            self.blocks.append(_Block(slopes[start:stop].to(device), self._bins(modes[start:stop].to(device)),
+                                      self.groups[members[0]], members, [sizes[i] for i in members]))
+        self.slopes, self.bins = [None] * len(sizes), [None] * len(sizes)
         for block in self.blocks:  # per-parameter views, shaped like the parameters
             for index, u, bins in zip(block.members, block.slopes.split(block.sizes), block.bins.split(block.sizes)):
-                self.slopes[index] = u.view_as(slopes[index])
-                self.bins[index] = bins.view_as(slopes[index])
+                self.slopes[index] = u.view(shapes[index])
+                self.bins[index] = bins.view(shapes[index])
         self.items = [(block, start, min(start + chunk, len(block.slopes)))
                       for block in self.blocks for start in range(0, len(block.slopes), chunk)]
         self._scratch: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _packing(self, slopes, pack_below: int) -> list[list[int]]:
+    def _packing(self, sizes, devices, pack_below: int) -> list[list[int]]:
         """Parameter indices per block: a large parameter alone, runs of small ones (one group and
         device) up to ``chunk`` elements together."""
         blocks, pack, packed, key = [], [], 0, None
-        for index, u in enumerate(slopes):
-            n = u.numel()
+        for index, n in enumerate(sizes):
             if n >= pack_below:
+                if pack:
+                    blocks.append(pack)
+                    pack, packed = [], 0
                 blocks.append([index])
                 continue
-            if pack and ((self.groups[index], u.device) != key or packed + n > self.chunk):
+            if pack and ((self.groups[index], devices[index]) != key or packed + n > self.chunk):
                 blocks.append(pack)
                 pack, packed = [], 0
             pack.append(index)
             packed += n
-            key = (self.groups[index], u.device)
+            key = (self.groups[index], devices[index])
         return blocks + [pack] if pack else blocks
 
-    def _block(self, members, slopes, modes) -> _Block:
-        u = torch.cat([slopes[i].reshape(-1).float() for i in members])
-        mode = torch.cat([modes[i].reshape(-1) for i in members]).to(u.device, torch.uint8)
-        lane = (torch.arange(len(mode), dtype=torch.int32, device=u.device) % self.lanes).to(torch.uint8)
-        sizes = [slopes[i].numel() for i in members]
-        return _Block(u, mode * self.lanes + lane, self.groups[members[0]], members, sizes)
+    def _bins(self, modes: torch.Tensor) -> torch.Tensor:
+        """``mode * lanes + position % lanes``, in place, a chunk at a time (``chunk`` is a multiple of the lanes)."""
+        if not len(modes):
+            return modes
+        pattern = torch.arange(self.lanes, dtype=torch.uint8, device=modes.device).repeat(-(-self.chunk // self.lanes))
+        for start in range(0, len(modes), self.chunk):
+            piece = modes[start:start + self.chunk]
+            piece.mul_(self.lanes).add_(pattern[: len(piece)])
+        return modes
 
     def modes(self) -> list[torch.Tensor]:
         """The mode of every mapped parameter (uint8, shaped like it), decoded from its bins."""

@@ -22,7 +22,8 @@ from ._checks import check_int
 from .clustering import abs_correlation, cluster_references
 from .sampling import sample_columns
 
-__all__ = ["CHUNK_ELEMENTS", "ColumnSource", "Decomposition", "FitQuality", "chunks", "decompose"]
+__all__ = ["CHUNK_ELEMENTS", "ColumnSource", "Decomposition", "FitQuality", "SlopeFit", "chunks", "decompose",
+           "fit_slopes"]
 
 #: Elements of the trajectory processed at once (columns per chunk = this // T), unless the trajectory
 #: is a :class:`ColumnSource` that sets its own ``chunk_elements``.
@@ -87,6 +88,12 @@ class Decomposition:
     def _refit(self) -> None:
         self.a = _slopes(self._comoment, self._profile_m2[self.assignment])
         self.b = self._mean - self.a * self._profile_mean[self.assignment]
+
+    def slope_fit(self) -> SlopeFit:
+        """A copy of what the mode map needs: the assignment in one byte (two above 256 modes) and the slopes."""
+        index_dtype = torch.uint8 if self.num_modes <= 256 else torch.int16
+        return SlopeFit(self.assignment.to(index_dtype), self.a.float().clone(), self.references, self.profiles,
+                        self.fit_quality)
 
     def evaluate(self, profile_values: torch.Tensor) -> torch.Tensor:
         """Parameters (N,) given the references' values (M,): ``a * values[assignment] + b``."""
@@ -257,16 +264,109 @@ def decompose(
             samples are spread evenly over the layers and half in proportion to their sizes.
         measure: also measure the fit on ``trajectory`` (``fit_quality``) in the same pass: the explained
             variance exactly, the relative error per snapshot on about 8 evenly spread chunks of columns.
+
+    Memory: the results, 24 bytes per parameter (:func:`fit_slopes` needs 5), plus a chunk of columns.
     """
     trajectory = _as_trajectory(trajectory)
+    refs = _choose_references(trajectory, modes, samples, seed, layer_sizes)
+    num_params, device, dtype = trajectory.shape[1], trajectory.device, refs.profiles.dtype
+    assignment = torch.empty(num_params, dtype=torch.long, device=device)
+    mean = torch.empty(num_params, dtype=dtype, device=device)
+    comoment = torch.empty(num_params, dtype=dtype, device=device)
+
+    def store(cols, mode, chunk_comoment, chunk_mean):
+        assignment[cols], comoment[cols], mean[cols] = mode, chunk_comoment, chunk_mean
+
+    quality = _fit_columns(trajectory, refs, measure, store)
+    if not torch.isfinite(comoment).all():
+        _raise_too_large(dtype)
+    # A reference follows its own profile exactly (a = 1, b = 0), even if an identical column exists.
+    assignment[refs.references] = torch.arange(refs.references.numel(), device=device)
+    comoment[refs.references] = refs.m2
+    mean[refs.references] = refs.mean
+    d = Decomposition(assignment, refs.references, refs.profiles, mean, comoment, refs.mean, refs.m2)
+    d.fit_quality = quality
+    return d
+
+
+@dataclass
+class SlopeFit:
+    """What the mode map needs of a decomposition, and nothing else: 5 bytes per parameter.
+
+    ``assignment`` (N,) uint8 (int16 above 256 modes), ``a`` (N,) float32 the least-squares slopes,
+    ``references`` (M,) and ``profiles`` (M, T) as in :class:`Decomposition`, ``fit_quality`` if measured.
+    No offsets and no running statistics: it cannot be updated online.
+    """
+
+    assignment: torch.Tensor
+    a: torch.Tensor
+    references: torch.Tensor
+    profiles: torch.Tensor
+    fit_quality: FitQuality | None = None
+
+    @property
+    def num_modes(self) -> int:
+        return self.references.numel()
+
+    @property
+    def num_params(self) -> int:
+        return self.assignment.numel()
+
+    @property
+    def num_snapshots(self) -> int:
+        return self.profiles.shape[1]
+
+
+def fit_slopes(
+    trajectory: torch.Tensor | ColumnSource,
+    modes: int = 10,
+    samples: int = 1000,
+    seed: int = 0,
+    layer_sizes: Sequence[int] | None = None,
+    measure: bool = False,
+) -> SlopeFit:
+    """:func:`decompose`, keeping only the assignment (1 byte per parameter) and the slopes (4): the same
+    references, assignment and slopes, in a fifth of the memory."""
+    trajectory = _as_trajectory(trajectory)
+    refs = _choose_references(trajectory, modes, samples, seed, layer_sizes)
+    num_params, device = trajectory.shape[1], trajectory.device
+    index_dtype = torch.uint8 if refs.references.numel() <= 256 else torch.int16
+    assignment = torch.empty(num_params, dtype=index_dtype, device=device)
+    a = torch.empty(num_params, dtype=torch.float32, device=device)
+
+    def store(cols, mode, chunk_comoment, chunk_mean):
+        assignment[cols] = mode.to(index_dtype)
+        a[cols] = _slopes(chunk_comoment, refs.m2[mode]).float()
+
+    quality = _fit_columns(trajectory, refs, measure, store)
+    if not torch.isfinite(a).all():
+        _raise_too_large(refs.profiles.dtype)
+    assignment[refs.references] = torch.arange(refs.references.numel(), device=device).to(index_dtype)
+    a[refs.references] = torch.where(refs.m2 > 0, 1.0, 0.0).float()
+    return SlopeFit(assignment, a, refs.references, refs.profiles, quality)
+
+
+@dataclass
+class _References:
+    """The chosen references and the statistics of their profiles that the per-column fit needs."""
+
+    references: torch.Tensor  # (M,) column indices
+    profiles: torch.Tensor  # (M, T)
+    mean: torch.Tensor  # (M,)
+    m2: torch.Tensor  # (M,) sum of squared deviations
+    std: torch.Tensor  # (M,) sqrt(m2)
+    weights: torch.Tensor  # (M + 1, T): centred profiles over their std, and a row of ones
+
+
+def _choose_references(trajectory, modes, samples, seed, layer_sizes) -> _References:
+    """Steps 1-4 of CMD: sample columns, |corr| among them, cluster, pick each cluster's reference."""
     modes = check_int("modes", modes, low=1)
     samples = check_int("samples", samples, low=1)
     if samples < modes:
         raise ValueError(f"samples must be >= modes ({modes}), got {samples}")
     seed = check_int("seed", seed, low=0, high=2**63 - 1)
-    num_snapshots, num_params = trajectory.shape
+    num_params = trajectory.shape[1]
     device, dtype = trajectory.device, _compute_dtype(trajectory.dtype)
-
     generator = torch.Generator().manual_seed(seed)
     sampled = sample_columns(num_params, samples, layer_sizes, generator).to(device)
     sampled_columns = trajectory[:, sampled].to(dtype)
@@ -285,45 +385,40 @@ def decompose(
     exact_std = exact_m2.sqrt()
     # One product per chunk gives every column's co-moment with every profile, divided by the profile's
     # std (for a fixed column, |corr| is proportional to that), and, in the last row, the column sums.
-    # Columns are shifted by their first value first, so that what rounding leaves in the centred rows
-    # multiplies a column's movement, not its magnitude.
     weights = torch.cat([centered / torch.where(exact_std > 0, exact_std, 1)[:, None],
                          torch.ones_like(centered[:1])]).to(dtype)
-    profile_mean, profile_m2, profile_std = exact_mean.to(dtype), exact_m2.to(dtype), exact_std.to(dtype)
-    if not (torch.isfinite(profile_m2).all() and torch.isfinite(weights).all()):
+    refs = _References(references, profiles, exact_mean.to(dtype), exact_m2.to(dtype), exact_std.to(dtype), weights)
+    if not (torch.isfinite(refs.m2).all() and torch.isfinite(weights).all()):
         _raise_too_large(dtype)
+    return refs
 
-    assignment = torch.empty(num_params, dtype=torch.long, device=device)
-    mean = torch.empty(num_params, dtype=dtype, device=device)
-    comoment = torch.empty(num_params, dtype=dtype, device=device)
-    sums = _FitSums(num_snapshots, dtype, device) if measure else None
-    measured = set(range(0, len(chunks(trajectory)), max(1, len(chunks(trajectory)) // 8)))
-    for index, cols in enumerate(chunks(trajectory)):
+
+def _fit_columns(trajectory, refs: _References, measure: bool, store) -> FitQuality | None:
+    """Steps 5-6, one pass over the trajectory: every column's mode (highest |corr| with a profile), its
+    co-moment with that profile and its mean, handed to ``store(cols, mode, comoment, mean)`` a chunk at a
+    time; with ``measure``, the fit's quality gathered in the same pass."""
+    num_snapshots = trajectory.shape[0]
+    dtype = refs.profiles.dtype
+    sums = _FitSums(num_snapshots, dtype, trajectory.device) if measure else None
+    pieces = chunks(trajectory)
+    measured = set(range(0, len(pieces), max(1, len(pieces) // 8)))
+    for index, cols in enumerate(pieces):
         x = trajectory[:, cols].to(dtype)
         first = x[0]
-        shifted = x - first  # constant columns give exact zeros
-        stats = weights @ shifted  # (M + 1, chunk)
+        shifted = x - first  # constant columns give exact zeros; rounding in the weights multiplies movement only
+        stats = refs.weights @ shifted  # (M + 1, chunk)
         if not torch.isfinite(stats).all():
             _raise_non_finite(trajectory, cols)
         mode = stats[:-1].abs().max(dim=0).indices
-        assignment[cols] = mode
-        comoment[cols] = stats[:-1].gather(0, mode[None]).squeeze(0) * profile_std[mode]
-        mean[cols] = first + stats[-1] / num_snapshots
+        comoment = stats[:-1].gather(0, mode[None]).squeeze(0) * refs.std[mode]
+        mean = first + stats[-1] / num_snapshots
+        store(cols, mode, comoment, mean)
         if sums is not None:
-            sums.add_columns(shifted, stats[-1], comoment[cols], profile_m2[mode])
+            sums.add_columns(shifted, stats[-1], comoment, refs.m2[mode])
             if index in measured:
-                a = _slopes(comoment[cols], profile_m2[mode])
-                sums.add_snapshots(x, torch.addcmul((mean[cols] - a * profile_mean[mode]), a, profiles.T[:, mode]))
-    if not torch.isfinite(comoment).all():
-        _raise_too_large(dtype)
-    # A reference follows its own profile exactly (a = 1, b = 0), even if an identical column exists.
-    assignment[references] = torch.arange(references.numel(), device=device)
-    comoment[references] = profile_m2
-    mean[references] = profile_mean
-    d = Decomposition(assignment, references, profiles, mean, comoment, profile_mean, profile_m2)
-    if sums is not None:
-        d.fit_quality = sums.quality()
-    return d
+                a = _slopes(comoment, refs.m2[mode])
+                sums.add_snapshots(x, torch.addcmul(mean - a * refs.mean[mode], a, refs.profiles.T[:, mode]))
+    return sums.quality() if sums is not None else None
 
 
 def _slopes(comoment: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:

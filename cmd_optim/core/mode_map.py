@@ -25,7 +25,7 @@ import torch
 
 from . import _kernels
 from ._checks import check_int, check_real
-from .decomposition import Decomposition
+from .decomposition import Decomposition, SlopeFit
 
 __all__ = ["MAX_SLOPE", "ModeMap"]
 
@@ -51,51 +51,76 @@ class ModeMap:
     def __init__(self, slopes: Sequence[torch.Tensor], modes: Sequence[torch.Tensor], groups: Sequence[int],
                  num_modes: int, num_groups: int, mode_rms: torch.Tensor | None = None, *, kernel: str = "packed",
                  **layout) -> None:
+        slopes, modes = list(slopes), list(modes)
+        if len(slopes) != len(modes):
+            raise ValueError(f"slopes and modes need one entry per parameter, got {len(slopes)} and {len(modes)}")
+        device = slopes[0].device if slopes else torch.device("cpu")
+        flat_slopes = torch.cat([u.reshape(-1).to(device, torch.float32) for u in slopes]) if slopes else torch.zeros(0)
+        flat_modes = torch.cat([m.reshape(-1).to(device, torch.uint8) for m in modes]) if modes else torch.zeros(0)
+        self._build(flat_slopes, flat_modes, [tuple(u.shape) for u in slopes], [u.device for u in slopes], groups,
+                    num_modes, num_groups, mode_rms, kernel, layout)
+
+    def _build(self, flat_slopes, flat_modes, shapes, devices, groups, num_modes, num_groups, mode_rms, kernel,
+               layout) -> None:
         num_modes = check_int("num_modes", num_modes, low=1)
         if num_modes > 256:
             raise ValueError(f"a mode map holds at most 256 modes (one byte per parameter), got {num_modes}")
         if kernel not in ("packed", "reference"):
             raise ValueError(f"kernel must be 'packed' or 'reference', got {kernel!r}")
-        slopes, modes, groups = list(slopes), list(modes), [int(g) for g in groups]
-        if not len(slopes) == len(modes) == len(groups):
-            raise ValueError(f"slopes, modes and groups need one entry per parameter, got {len(slopes)}, "
-                             f"{len(modes)} and {len(groups)}")
+        groups = [int(g) for g in groups]
+        if len(groups) != len(shapes):
+            raise ValueError(f"groups need one entry per parameter, got {len(groups)} for {len(shapes)}")
         if any(g < 0 or g >= num_groups for g in groups):
             raise ValueError(f"group indices must be in [0, {num_groups})")
         self.num_modes, self.num_groups, self.groups = num_modes, num_groups, groups
         self.kernel = kernel
-        self.device = slopes[0].device if slopes else torch.device("cpu")
-        self._packed = _kernels.PackedBlocks(slopes, modes, groups, num_modes, **layout)
+        self.device = devices[0] if devices else torch.device("cpu")
+        self._packed = _kernels.PackedBlocks(flat_slopes, flat_modes, shapes, groups, devices, num_modes, **layout)
         self.slopes: list[torch.Tensor] = self._packed.slopes
-        # Squared norm of each coefficient's direction: dividing by it makes a mode step the least-squares
-        # projection of the full step, whatever the scale of u.
-        norms = torch.zeros(self.num_coefficients, dtype=torch.float64, device=self.device)
-        for u, index in zip(self.slopes, self._coefficient_indices()):
-            norms.index_add_(0, index, u.reshape(-1).double().square())
+        # Squared norm of each coefficient's direction (sum of u^2 over its members, the map's own sums with
+        # u for the gradient): dividing by it makes a mode step the least-squares projection of the full step.
+        norms = _kernels.mode_sums(self._packed, self.slopes, num_groups)
         self.active = norms > 0
         self.direction_norms = norms.float().clamp_min(torch.finfo(torch.float32).tiny)
         rms = torch.ones(num_modes) if mode_rms is None else mode_rms
         self.mode_rms = rms.to(self.device, torch.float32)
 
     @classmethod
+    def from_fit(cls, fit: SlopeFit, params: Sequence[torch.Tensor], groups: Sequence[int], num_groups: int,
+                 max_slope: float = MAX_SLOPE, kernel: str = "packed", **layout) -> ModeMap:
+        """The map of a fit of the concatenated ``params`` (its columns, in order). It takes over the fit's
+        buffers, turning slopes into normalised slopes and modes into bins in place: the map costs no memory
+        beyond the fit's 5 bytes per parameter."""
+        max_slope = check_real("max_slope", max_slope, low=0, low_open=True)
+        if sum(p.numel() for p in params) != fit.num_params:
+            raise ValueError(f"the parameters hold {sum(p.numel() for p in params)} elements, the fit "
+                             f"{fit.num_params}")
+        if fit.assignment.dtype != torch.uint8:
+            raise ValueError(f"a mode map holds at most 256 modes (one byte per parameter), got {fit.num_modes}")
+        a, mode = fit.a, fit.assignment
+        sums = torch.zeros(fit.num_modes, dtype=torch.float64, device=a.device)
+        counts = torch.zeros(fit.num_modes, dtype=torch.float64, device=a.device)
+        pieces = range(0, len(a), _kernels.CHUNK)
+        for start in pieces:  # a chunk at a time: no temporary of N elements
+            index = mode[start:start + _kernels.CHUNK].long()
+            sums.index_add_(0, index, a[start:start + _kernels.CHUNK].double().square())
+            counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+        rms = (sums / counts.clamp_min(1)).sqrt().float()
+        unit = torch.where(rms > 0, rms, 1)
+        for start in pieces:
+            piece = a[start:start + _kernels.CHUNK]
+            piece.div_(unit[mode[start:start + _kernels.CHUNK].long()]).clamp_(-max_slope, max_slope)
+        mapped = cls.__new__(cls)
+        mapped._build(a, mode, [tuple(p.shape) for p in params], [p.device for p in params], groups, fit.num_modes,
+                      num_groups, rms, kernel, layout)
+        return mapped
+
+    @classmethod
     def from_decomposition(cls, d: Decomposition, params: Sequence[torch.Tensor], groups: Sequence[int],
                            num_groups: int, max_slope: float = MAX_SLOPE, **kwargs) -> ModeMap:
-        """The map of a Decomposition of the concatenated ``params`` (its columns, in order)."""
-        max_slope = check_real("max_slope", max_slope, low=0, low_open=True)
-        if sum(p.numel() for p in params) != d.num_params:
-            raise ValueError(f"the parameters hold {sum(p.numel() for p in params)} elements, the decomposition "
-                             f"{d.num_params}")
-        a = d.a.float()
-        rms = (torch.zeros(d.num_modes, device=a.device).index_add_(0, d.assignment, a.square())
-               / d.mode_sizes.clamp_min(1)).sqrt()
-        u = (a / torch.where(rms > 0, rms, 1)[d.assignment]).clamp_(-max_slope, max_slope)
-        slopes, modes, offset = [], [], 0
-        for p in params:
-            n = p.numel()
-            slopes.append(u[offset:offset + n].view(p.shape).to(p.device, torch.float32))
-            modes.append(d.assignment[offset:offset + n].view(p.shape).to(p.device, torch.uint8))
-            offset += n
-        return cls(slopes, modes, groups, d.num_modes, num_groups, rms, **kwargs)
+        """The map of a Decomposition of the concatenated ``params`` (its columns, in order; ``d`` is left as
+        it was)."""
+        return cls.from_fit(d.slope_fit(), params, groups, num_groups, max_slope, **kwargs)
 
     @property
     def num_coefficients(self) -> int:

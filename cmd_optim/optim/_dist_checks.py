@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..core import Decomposition
+from ..core import Decomposition, SlopeFit
 
 __all__ = ["check_rank_consistency", "refuse_sharding"]
 
@@ -22,10 +22,10 @@ def _collective_device(group=None) -> torch.device:
     return torch.device("cpu")
 
 
-def check_rank_consistency(d: Decomposition, group=None) -> None:
+def check_rank_consistency(d: Decomposition | SlopeFit, group=None) -> None:
     """Raise if the ranks of ``group`` hold different decompositions (a no-op outside torch.distributed).
 
-    Compares a fingerprint (sizes, references, a hash of the assignment, sums of a and b) by an
+    Compares a fingerprint (sizes, references, a hash of the assignment, the sum of the slopes) by an
     all-reduce of its minimum and maximum.
     """
     if _world(group) == 1:
@@ -34,7 +34,7 @@ def check_rank_consistency(d: Decomposition, group=None) -> None:
     fingerprint = torch.stack([
         torch.tensor(float(d.num_params), dtype=torch.float64), torch.tensor(float(d.num_modes), dtype=torch.float64),
         (d.references.double().cpu() * torch.arange(1, d.num_modes + 1, dtype=torch.float64)).sum(),
-        (d.assignment.double() * weights).sum().cpu(), d.a.double().sum().cpu(), d.b.double().sum().cpu(),
+        (d.assignment.double() * weights).sum().cpu(), d.a.double().sum().cpu(),
     ]).to(_collective_device(group))
     low, high = fingerprint.clone(), fingerprint.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from ..core import Decomposition, decompose
+from ..core import Decomposition, decompose, fit_slopes
 from ..core._checks import check_device, check_dtype, check_int
 from ._dist_checks import check_rank_consistency, refuse_sharding
 from ._params import BaseFactory, gather_params, hyperparameters, tensor_bytes
@@ -222,8 +222,10 @@ class CMDOptimizer(torch.optim.Optimizer):
         so a switch that raises leaves the warm-up intact (it can be saved, and the next step retries)."""
         warmup = self._phase
         snapshots = warmup.snapshots
-        d = decompose(snapshots.trajectory(), modes=self.modes, samples=self.samples, seed=self.seed,
-                      layer_sizes=snapshots.layout.sizes, measure=True)
+        keep = self.keep_decomposition or isinstance(self.reduction, Gradual)
+        fit = decompose if keep else fit_slopes  # the mode map needs 5 bytes per parameter, not 24
+        d = fit(snapshots.trajectory(), modes=self.modes, samples=self.samples, seed=self.seed,
+                layer_sizes=snapshots.layout.sizes, measure=True)
         if not bool((d.profiles.amax(dim=1) > d.profiles.amin(dim=1)).any()):
             raise RuntimeError(
                 f"the warm-up moved none of the sampled parameters in {self.steps_taken} steps (a learning rate "
@@ -240,7 +242,6 @@ class CMDOptimizer(torch.optim.Optimizer):
         }
         self._install(reduced)
         snapshots.release()
-        keep = self.keep_decomposition or isinstance(self.reduction, Gradual)
         self.decomposition = d if keep else None
 
     def _install(self, phase: Phase) -> None:

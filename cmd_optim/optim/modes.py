@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..core import MAX_SLOPE, Decomposition, ModeMap
+from ..core import MAX_SLOPE, Decomposition, ModeMap, SlopeFit
 from ..core._checks import check_real
 from ._params import all_finite, hyperparameters, tensor_bytes
 from .phase import Setup, _NonFinite, guarded_step
@@ -51,11 +51,13 @@ class Modes:
     def __repr__(self) -> str:
         return f"Modes(max_slope={self.max_slope}, speed_limit={self.speed_limit})"
 
-    def build(self, setup: Setup, warmup: WarmupPhase, d: Decomposition) -> ModePhase:
-        """The mode phase at the switch: the map of ``d``, coefficients at zero, SGD momentum projected."""
+    def build(self, setup: Setup, warmup: WarmupPhase, d: SlopeFit | Decomposition) -> ModePhase:
+        """The mode phase at the switch: the map of ``d`` (a :class:`SlopeFit` is taken over in place),
+        coefficients at zero, SGD momentum projected."""
         params = setup.params
-        mode_map = ModeMap.from_decomposition(d, params.tracked, params.tracked_groups, len(params.groups),
-                                              self.max_slope, kernel=self.kernel)
+        fit = d.slope_fit() if isinstance(d, Decomposition) else d
+        mode_map = ModeMap.from_fit(fit, params.tracked, params.tracked_groups, len(params.groups),
+                                    self.max_slope, kernel=self.kernel)
         if self.speed_limit:
             per_snapshot = d.profiles.diff(dim=1).abs().amax(dim=1).to(mode_map.device)
             speed = (per_snapshot * mode_map.mode_rms / setup.snapshot_every)[mode_map.mode_of_coefficient()]

@@ -341,3 +341,16 @@ def test_from_state_dict_checks_index_ranges():
 def test_a_transposed_trajectory_is_flagged():
     with pytest.warns(UserWarning, match="pass trajectory.T"):
         decompose(torch.randn(5000, 20), modes=2, samples=10)
+
+
+def test_fit_slopes_gives_decompose_s_assignment_and_slopes_in_five_bytes(digits_warmup):
+    from cmd_optim.core import fit_slopes
+
+    trajectory, sizes = digits_warmup
+    d = decompose(trajectory, modes=30, samples=1000, seed=0, layer_sizes=sizes, measure=True)
+    fit = fit_slopes(trajectory, modes=30, samples=1000, seed=0, layer_sizes=sizes, measure=True)
+    assert fit.assignment.dtype == torch.uint8 and fit.a.dtype == torch.float32
+    assert torch.equal(fit.assignment.long(), d.assignment) and torch.equal(fit.references, d.references)
+    torch.testing.assert_close(fit.a, d.a, rtol=1e-5, atol=1e-7)
+    assert fit.fit_quality.explained_variance == d.fit_quality.explained_variance
+    assert (fit.assignment.element_size() + fit.a.element_size()) == 5

@@ -54,7 +54,7 @@ def test_small_parameters_of_one_group_share_blocks_up_to_a_chunk():
     shapes = [(20,), (20,), (20,), (20,), (24,), (30,), (2, 3), (5,)]  # 25 elements or more: alone
     p = _random_map(shapes, groups=[0, 0, 0, 0, 0, 0, 1, 1], chunk=100, pack_below=25)
     blocks = p._packed.blocks
-    assert [b.members for b in blocks] == [[0, 1, 2, 3], [5], [4], [6, 7]]
+    assert [b.members for b in blocks] == [[0, 1, 2, 3], [4], [5], [6, 7]]  # consecutive: slices of flat storage
     assert [b.group for b in blocks] == [0, 0, 0, 1]
     for block in blocks:  # the per-parameter tensors are views of their block, no copies
         for i in block.members:

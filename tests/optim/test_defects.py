@@ -248,8 +248,8 @@ def test_d13_a_switch_that_raises_can_be_saved_and_retried(monkeypatch):
 
     m = small()
     opt = CMDOptimizer(m, **KW)
-    real = cmd_module.decompose
-    monkeypatch.setattr(cmd_module, "decompose", lambda *a, **k: (_ for _ in ()).throw(MemoryError("no room")))
+    real = cmd_module.fit_slopes  # what the switch of the mode reduction calls
+    monkeypatch.setattr(cmd_module, "fit_slopes", lambda *a, **k: (_ for _ in ()).throw(MemoryError("no room")))
     with pytest.raises(MemoryError):
         train(m, opt, 30)
     assert opt.phase == "warmup" and opt.steps_taken == 30
@@ -258,7 +258,7 @@ def test_d13_a_switch_that_raises_can_be_saved_and_retried(monkeypatch):
     with pytest.raises(MemoryError):  # retried before anything moves
         train(m, opt, 31, start=30)
     assert all(torch.equal(a, b) for a, b in zip(weights, m.parameters())) and opt.steps_taken == 30
-    monkeypatch.setattr(cmd_module, "decompose", real)
+    monkeypatch.setattr(cmd_module, "fit_slopes", real)
     train(m, opt, 31, start=30)
     assert opt.phase == "reduced" and opt.switch_report["step"] == 30 and opt.steps_taken == 31
     again = CMDOptimizer(small(), **KW)
