@@ -125,7 +125,10 @@ def plot(results: dict) -> str | None:
             steps = [s for s, _ in runs[0]["curves"][method]]
             mean = [statistics.mean(r["curves"][method][i][1] for r in runs) for i in range(len(steps))]
             ax.plot(steps, mean, label=method, linewidth=1.6 if method == "Online CMD" else 1.0)
-        ax.axvline(SETTINGS[task].snapshot_every * WARMUP_SNAPSHOTS, color="grey", linewidth=0.8)
+        switch = SETTINGS[task].snapshot_every * WARMUP_SNAPSHOTS
+        ax.axvline(switch, color="grey", linewidth=0.8)
+        after = [v for r in runs for m in METHODS for s, v in r["curves"][m] if s >= switch]
+        ax.set_ylim(min(after) - 0.01, max(after) + 0.005)  # the part after the decomposition, where they differ
         ax.set(title=SETTINGS[task].name, xlabel="optimizer step", ylabel=f"test accuracy (mean of {len(runs)} seeds)")
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -155,10 +158,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--tasks", nargs="+", choices=sorted(SETTINGS), default=["digits", "mnist1d", "minilm"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, help="override every task's step count (smoke runs)")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="write the runs here")
+    parser.add_argument("--from-json", type=Path, help="rewrite the section and the plot from saved runs")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
-    results = {}
+    results = json.loads(args.from_json.read_text()) if args.from_json else {}
+    if args.from_json:
+        args.tasks, args.seeds = [], len(next(iter(results.values())))
     for task in args.tasks:
         setting = SETTINGS[task]
         if args.steps:
@@ -188,6 +194,15 @@ Command: `python -m benchmarks.online_cmd --tasks {' '.join(results)} --seeds {a
 {table(results)}
 
 {f"![online CMD accuracy](img/{image})" if image else ""}
+
+Where it reproduces the paper and where not. The paper's gain (ResNet-18 on CIFAR-10: +1.5 points over SGD,
+above EMA and SWA) does not show at this scale: Online CMD is within a few test examples of the best of the
+final model, EMA and SWA on every task (the paired differences in the last column), above the final model
+where that one wanders (the MiniLM fine-tune) and below SWA or the final model elsewhere. Its curve after
+the decomposition is as smooth as SWA's and smoother than the final model's, as in the paper's figure, but
+not higher. These tasks converge within a few hundred steps and then barely move, which leaves little for
+any averaging to gain; the CIFAR-10 setting itself is `python -m benchmarks.cifar10_resnet18` wherever
+CIFAR-10 can be loaded (not here: no downloads).
 """
         write_section("online-cmd", body)
     return results

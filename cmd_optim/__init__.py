@@ -5,7 +5,17 @@ Layers (each imports only those to its left): ``core`` (the math) <- ``optim`` (
 """
 
 from .core import ColumnSource, Decomposition, OnlineCMD, decompose
-from .optim import CMDOptimizer, Gradual, Modes
+from .optim import CMDOptimizer, Gradual, LowRank, Modes
 
-__all__ = ["CMDOptimizer", "ColumnSource", "Decomposition", "Gradual", "Modes", "OnlineCMD", "__version__", "decompose"]
+__all__ = [
+    "CMDOptimizer",
+    "ColumnSource",
+    "Decomposition",
+    "Gradual",
+    "LowRank",
+    "Modes",
+    "OnlineCMD",
+    "__version__",
+    "decompose",
+]
 __version__ = "0.2.0.dev0"

@@ -14,6 +14,7 @@ from ._dist_checks import check_rank_consistency, refuse_sharding
 from ._params import BaseFactory, gather_params, hyperparameters, tensor_bytes
 from .exchange import ModeExchange
 from .gradual import Gradual
+from .lowrank import LowRank
 from .modes import Modes
 from .phase import Phase, Setup
 from .warmup import WarmupPhase
@@ -46,7 +47,8 @@ class CMDOptimizer(torch.optim.Optimizer):
             columns at a time at the switch, deleted after it). A warm-up state_dict then names that file,
             so a resumed run needs it.
         reduction: what happens after the switch: ``"modes"`` / :class:`Modes` (train the mode
-            coefficients only) or ``"gradual"`` / :class:`Gradual` (the paper's embedded CMD).
+            coefficients only), ``"gradual"`` / :class:`Gradual` (the paper's embedded CMD) or
+            ``"lowrank"`` / :class:`LowRank` (each matrix in a refreshed low-rank subspace; no decomposition).
         keep_decomposition: keep the switch's :class:`Decomposition` in ``self.decomposition`` (24 bytes per
             parameter); the mode phase does not need it. The gradual reduction always keeps it.
         **base_kwargs: passed to ``base`` (``lr``, ``momentum``, ``betas``, ...).
@@ -70,7 +72,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         snapshot_device: torch.device | str = "cpu",
         snapshot_dtype: torch.dtype = torch.float32,
         snapshot_dir: str | None = None,
-        reduction: str | Modes | Gradual = "modes",
+        reduction: str | Modes | Gradual | LowRank = "modes",
         keep_decomposition: bool = False,
         *,
         warmup_steps: int | None = None,
@@ -91,7 +93,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         self.seed = check_int("seed", seed, low=0, high=2**63 - 1)
         if not isinstance(keep_decomposition, bool):
             raise TypeError(f"keep_decomposition must be True or False, got {keep_decomposition!r}")
-        if switch_after // snapshot_every + 1 < 3:
+        if self.reduction.needs_snapshots and switch_after // snapshot_every + 1 < 3:
             raise ValueError(f"warm-up too short: switch_after={switch_after} with snapshot_every={snapshot_every} "
                              f"gives {switch_after // snapshot_every + 1} snapshots, CMD needs at least 3")
         params = gather_params(model, keep_free)
@@ -101,7 +103,9 @@ class CMDOptimizer(torch.optim.Optimizer):
             raise ValueError(f"snapshot_dir keeps the snapshots in a file; snapshot_device={snapshot_device!r} "
                              "cannot apply (leave it at 'cpu')")
         self._setup = Setup(params, BaseFactory(base, base_kwargs), switch_after, snapshot_every, device, dtype,
-                            None if snapshot_dir is None else str(snapshot_dir), ModeExchange(params.tracked))
+                            None if snapshot_dir is None else str(snapshot_dir), ModeExchange(params.tracked),
+                            record_snapshots=self.reduction.needs_snapshots)
+        self.reduction.check(self._setup)
         self.keep_decomposition = keep_decomposition
         self._phase: Phase = WarmupPhase(self._setup)
         self._constructing = True
@@ -171,7 +175,8 @@ class CMDOptimizer(torch.optim.Optimizer):
     @property
     def snapshot_bytes(self) -> int:
         """Memory held by the warm-up snapshots now (0 after the switch)."""
-        return self._phase.snapshots.nbytes if isinstance(self._phase, WarmupPhase) else 0
+        snapshots = getattr(self._phase, "snapshots", None)
+        return snapshots.nbytes if snapshots is not None else 0
 
     @property
     def state_bytes(self) -> int:
@@ -223,26 +228,30 @@ class CMDOptimizer(torch.optim.Optimizer):
         warmup = self._phase
         snapshots = warmup.snapshots
         keep = self.keep_decomposition or isinstance(self.reduction, Gradual)
-        fit = decompose if keep else fit_slopes  # the mode map needs 5 bytes per parameter, not 24
-        d = fit(snapshots.trajectory(), modes=self.modes, samples=self.samples, seed=self.seed,
-                layer_sizes=snapshots.layout.sizes, measure=True)
-        if not bool((d.profiles.amax(dim=1) > d.profiles.amin(dim=1)).any()):
-            raise RuntimeError(
-                f"the warm-up moved none of the sampled parameters in {self.steps_taken} steps (a learning rate "
-                "of 0, zero gradients, or step() without a backward?): there are no modes to train. The "
-                "optimizer stays in the warm-up and retries at the next step.")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            check_rank_consistency(d)
+        d = None
+        if snapshots is not None:
+            fit = decompose if keep else fit_slopes  # the mode map needs 5 bytes per parameter, not 24
+            d = fit(snapshots.trajectory(), modes=self.modes, samples=self.samples, seed=self.seed,
+                    layer_sizes=snapshots.layout.sizes, measure=True)
+            if not bool((d.profiles.amax(dim=1) > d.profiles.amin(dim=1)).any()):
+                raise RuntimeError(
+                    f"the warm-up moved none of the sampled parameters in {self.steps_taken} steps (a learning "
+                    "rate of 0, zero gradients, or step() without a backward?): there are no modes to train. "
+                    "The optimizer stays in the warm-up and retries at the next step.")
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                check_rank_consistency(d)
         reduced = self.reduction.build(self._setup, warmup, d)
-        quality = d.fit_quality
-        self.switch_report = {
-            "step": self.steps_taken, "modes": d.num_modes, "decomposed_params": d.num_params,
-            "snapshots": d.num_snapshots, "relative_error": float(quality.relative_error.mean()),
-            "explained_variance": quality.explained_variance,
-        }
+        report = {"step": self.steps_taken, "reduction": self.reduction.name,
+                  "trainable_dims": reduced.trainable_dims()}
+        if d is not None:
+            report.update({"modes": d.num_modes, "decomposed_params": d.num_params, "snapshots": d.num_snapshots,
+                           "relative_error": float(d.fit_quality.relative_error.mean()),
+                           "explained_variance": d.fit_quality.explained_variance})
+        self.switch_report = report
         self._install(reduced)
-        snapshots.release()
-        self.decomposition = d if keep else None
+        if snapshots is not None:
+            snapshots.release()
+        self.decomposition = d if keep and d is not None else None
 
     def _install(self, phase: Phase) -> None:
         """Make ``phase`` the live phase (nothing in here can fail)."""
@@ -268,13 +277,12 @@ class CMDOptimizer(torch.optim.Optimizer):
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
         envelope = self._phase.optimizer.state_dict()
-        for saved, visible in zip(envelope["param_groups"], self.param_groups):
-            saved.update(hyperparameters(visible))
         envelope["cmd"] = {
             "version": _STATE_VERSION, "phase": self._phase.name, "reduction": self.reduction.name,
             "base": self._setup.make_base.optimizer_name, "switch_after": self._setup.switch_after,
             "snapshot_every": self._setup.snapshot_every, "tracked_numel": _tracked_numel(self._setup),
             "steps_taken": self.steps_taken, "skipped_steps": self.skipped_steps,
+            "visible_groups": [hyperparameters(group) for group in self.param_groups],
             "switch_report": self.switch_report, **self._phase.extra_state(),
         }
         if self.decomposition is not None and "decomposition" not in envelope["cmd"]:
@@ -301,8 +309,8 @@ class CMDOptimizer(torch.optim.Optimizer):
             phase = self.reduction.load(self._setup, state_dict, cmd)
         decomposition = Decomposition.from_state_dict(cmd["decomposition"]) if "decomposition" in cmd else None
         # commit: nothing below raises
-        for visible, saved in zip(self.param_groups, state_dict["param_groups"]):
-            visible.update(hyperparameters(saved))
+        for visible, saved in zip(self.param_groups, cmd["visible_groups"]):
+            visible.update(saved)
         self._install(phase)
         self.steps_taken, self.skipped_steps = cmd["steps_taken"], cmd["skipped_steps"]
         self.switch_report = cmd.get("switch_report")
@@ -315,7 +323,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         if not isinstance(cmd, dict) or cmd.get("version") != _STATE_VERSION:
             raise ValueError("not a CMDOptimizer state_dict (no 'cmd' entry of this version); a plain torch.optim "
                              "state cannot be loaded into a CMDOptimizer")
-        if cmd.get("phase") not in (WarmupPhase.name, Modes.name, Gradual.name):
+        if cmd.get("phase") not in (WarmupPhase.name, Modes.name, Gradual.name, LowRank.name):
             raise ValueError(f"unknown CMDOptimizer phase {cmd.get('phase')!r} in the state_dict")
         if cmd["phase"] != WarmupPhase.name and cmd.get("reduction") != self.reduction.name:
             raise ValueError(f"state_dict was saved with reduction={cmd.get('reduction')!r}, this optimizer has "
@@ -330,10 +338,13 @@ class CMDOptimizer(torch.optim.Optimizer):
         for key in ("steps_taken", "skipped_steps"):
             if not isinstance(cmd.get(key), int) or cmd[key] < 0:
                 raise ValueError(f"state_dict's {key!r} must be a non-negative integer, got {cmd.get(key)!r}")
-        groups = state_dict.get("param_groups")
-        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+        groups = cmd.get("visible_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups) or not all(
+                isinstance(group, dict) for group in groups):
             count = len(groups) if isinstance(groups, list) else groups
             raise ValueError(f"state_dict has {count} parameter groups, this optimizer has {len(self.param_groups)}")
+        if not isinstance(state_dict.get("param_groups"), list):
+            raise ValueError("state_dict has no 'param_groups' list")
         return cmd
 
     def __getstate__(self) -> dict:
@@ -368,7 +379,10 @@ def _renamed(old: str, old_value, new: str, new_value, default):
     return old_value
 
 
-def _reduction(reduction, max_coefficient, embed, embed_every, embed_fraction) -> Modes | Gradual:
+_REDUCTIONS = {"modes": Modes, "gradual": Gradual, "lowrank": LowRank}
+
+
+def _reduction(reduction, max_coefficient, embed, embed_every, embed_fraction) -> Modes | Gradual | LowRank:
     """The reduction strategy, from its new form or the deprecated ``embed`` / ``max_coefficient`` arguments."""
     if embed is not None or embed_every is not None or embed_fraction is not None or max_coefficient is not None:
         if reduction != "modes":
@@ -383,13 +397,12 @@ def _reduction(reduction, max_coefficient, embed, embed_every, embed_fraction) -
             return Gradual(every=2 if embed_every is None else embed_every,
                            fraction=0.1 if embed_fraction is None else embed_fraction)
         return Modes() if max_coefficient is None else Modes(max_slope=max_coefficient)
-    if isinstance(reduction, (Modes, Gradual)):
+    if isinstance(reduction, tuple(_REDUCTIONS.values())):
         return reduction
-    if reduction == "modes":
-        return Modes()
-    if reduction == "gradual":
-        return Gradual()
-    raise ValueError(f"reduction must be 'modes', 'gradual', a Modes or a Gradual, got {reduction!r}")
+    if isinstance(reduction, str) and reduction in _REDUCTIONS:
+        return _REDUCTIONS[reduction]()
+    raise ValueError(f"reduction must be one of {sorted(_REDUCTIONS)} or a Modes, Gradual or LowRank, "
+                     f"got {reduction!r}")
 
 
 def find_cmd_optimizer(optimizer) -> CMDOptimizer | None:

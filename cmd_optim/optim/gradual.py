@@ -30,6 +30,10 @@ class Gradual:
     """
 
     name = "gradual"
+    needs_snapshots = True
+
+    def check(self, setup: Setup) -> None:
+        pass
 
     def __init__(self, every: int = 2, fraction: float = 0.1) -> None:
         self.every = check_int("every", every, low=1)

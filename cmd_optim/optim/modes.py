@@ -39,6 +39,10 @@ class Modes:
     """
 
     name = "modes"
+    needs_snapshots = True
+
+    def check(self, setup: Setup) -> None:
+        pass
 
     def __init__(self, max_slope: float = MAX_SLOPE, speed_limit: bool = True, kernel: str = "packed") -> None:
         self.max_slope = check_real("max_slope", max_slope, low=0, low_open=True)

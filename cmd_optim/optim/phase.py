@@ -32,6 +32,7 @@ class Setup:
     snapshot_dtype: torch.dtype
     snapshot_dir: str | None
     exchange: ModeExchange
+    record_snapshots: bool = True  # False for a reduction that needs no decomposition of the warm-up
 
     @property
     def num_snapshots(self) -> int:

@@ -32,7 +32,7 @@ class WarmupPhase:
             optimizer = setup.base_on_copies()
             setup.adopt_groups(optimizer)
         self.optimizer = optimizer
-        if snapshots is None:
+        if snapshots is None and setup.record_snapshots:
             snapshots = setup.snapshot_buffer()
             snapshots.record()
         self.snapshots = snapshots
@@ -44,23 +44,29 @@ class WarmupPhase:
         return guarded_step(self.optimizer, loss, closure, params)
 
     def after_step(self, steps_taken: int) -> None:
-        if steps_taken % self.setup.snapshot_every == 0 and steps_taken <= self.setup.switch_after:
+        if (self.snapshots is not None and steps_taken % self.setup.snapshot_every == 0
+                and steps_taken <= self.setup.switch_after):
             self.snapshots.record()
 
     def trainable_dims(self) -> int:
         return sum(p.numel() for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad)
 
     def state_bytes(self) -> int:
-        return tensor_bytes(self.optimizer.state) + self.snapshots.nbytes
+        return tensor_bytes(self.optimizer.state) + (self.snapshots.nbytes if self.snapshots is not None else 0)
 
     def extra_state(self) -> dict:
-        return {"snapshots": self.snapshots.saved()}
+        return {"snapshots": self.snapshots.saved()} if self.snapshots is not None else {}
 
     @classmethod
     def load(cls, setup: Setup, envelope: dict, extra: dict, steps_taken: int) -> WarmupPhase:
         """A warm-up phase from saved state, built beside the live one: nothing live is touched."""
+        if not setup.record_snapshots:  # this reduction decomposes nothing: saved snapshots are not needed
+            optimizer = setup.base_on_copies()
+            load_base_state(optimizer, envelope)
+            return cls(setup, optimizer, None)
         if "snapshots" not in extra:
-            raise ValueError("the warm-up state_dict has no 'snapshots'")
+            raise ValueError("the warm-up state_dict has no 'snapshots' (it was saved with a reduction that "
+                             "needs none)")
         snapshots = open_saved(extra["snapshots"])
         expected = min(steps_taken, setup.switch_after) // setup.snapshot_every + 1
         if len(snapshots.shape) != 2 or snapshots.shape[0] != expected:
