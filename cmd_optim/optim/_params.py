@@ -168,16 +168,22 @@ def tensor_bytes(tree) -> int:
 
 
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
-    """True if no tensor holds a NaN or an infinity: a multi-tensor max-norm pass, one host sync."""
-    by_kind: dict[tuple, list[torch.Tensor]] = {}
+    """True if no tensor holds a NaN or an infinity.
+
+    One float32 sum per tensor (NaN and infinities propagate through a sum; it reads each tensor once,
+    which measured 10-25x cheaper on the CPU than a max-norm or ``isfinite`` pass) and one host sync.
+    A sum beyond float32's range (elements around 1e38, or a 1e30 gradient of a billion elements) counts
+    as not finite too.
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         if t is None or not t.numel():
             continue
         if t.is_sparse:
             raise TypeError("a gradient is sparse; CMDOptimizer needs dense gradients")
-        by_kind.setdefault((t.device, t.dtype), []).append(t)
-    if not by_kind:
+        by_device.setdefault(t.device, []).append(t.sum(dtype=torch.float32))
+    if not by_device:
         return True
-    norms = [torch.stack(torch._foreach_norm(group, ord=math.inf)).float().amax() for group in by_kind.values()]
-    first = norms[0].device
-    return bool(torch.isfinite(torch.stack([n.to(first) for n in norms])).all())
+    checks = [torch.isfinite(torch.stack(sums)).all() for sums in by_device.values()]
+    first = checks[0].device
+    return bool(torch.stack([c.to(first) for c in checks]).all())
