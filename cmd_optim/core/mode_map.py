@@ -12,7 +12,7 @@ thousands). The two directions of the map, in GaLore's words ``project`` and ``p
   full step onto the coefficient's direction;
 - :meth:`ModeMap.lift_`: coefficient changes back to parameter moves.
 
-Each has a readable ``*_reference`` implementation beside the fast one (``cmd_optim.core._kernels``),
+Each has a readable ``*_reference`` implementation beside the fast ones (``cmd_optim.core.kernels``),
 and the tests hold the fast path to it. Per parameter the map stores 5 bytes: the float32 slope and a
 uint8 histogram bin.
 """
@@ -23,11 +23,15 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _kernels
+from . import kernels
 from ._checks import check_int, check_real
 from .decomposition import Decomposition, SlopeFit
+from .kernels import packed as _packed
 
-__all__ = ["MAX_SLOPE", "ModeMap"]
+__all__ = ["KERNELS", "MAX_SLOPE", "ModeMap"]
+
+#: The ``kernel`` choices of a mode map.
+KERNELS = ("auto", "native", "triton", "torch", "reference")
 
 #: Largest |u| (slopes relative to their mode's RMS slope) a parameter may keep.
 MAX_SLOPE = 10.0
@@ -43,13 +47,15 @@ class ModeMap:
         num_modes: M, at most 256 (a parameter's mode is stored in one byte).
         num_groups: G.
         mode_rms: (M,) the RMS of each mode's CMD slopes ``a`` (the unit of ``u``), kept for the speed limit.
-        kernel: ``"packed"`` (blocks and interleaved lanes, :mod:`cmd_optim.core._kernels`) or
-            ``"reference"`` (the readable per-parameter formulas).
+        kernel: ``"auto"`` (the backend :func:`cmd_optim.core.kernels.backend` names for the device: the C
+            extension on the CPU, Triton on a GPU, else stock PyTorch), ``"native"``, ``"triton"``,
+            ``"torch"`` (packed blocks and interleaved lanes in stock PyTorch ops) or ``"reference"`` (the
+            readable per-parameter formulas).
         layout: knobs of the packed layout (``chunk``, ``pack_below``, ``lanes``).
     """
 
     def __init__(self, slopes: Sequence[torch.Tensor], modes: Sequence[torch.Tensor], groups: Sequence[int],
-                 num_modes: int, num_groups: int, mode_rms: torch.Tensor | None = None, *, kernel: str = "packed",
+                 num_modes: int, num_groups: int, mode_rms: torch.Tensor | None = None, *, kernel: str = "auto",
                  **layout) -> None:
         slopes, modes = list(slopes), list(modes)
         if len(slopes) != len(modes):
@@ -65,21 +71,23 @@ class ModeMap:
         num_modes = check_int("num_modes", num_modes, low=1)
         if num_modes > 256:
             raise ValueError(f"a mode map holds at most 256 modes (one byte per parameter), got {num_modes}")
-        if kernel not in ("packed", "reference"):
-            raise ValueError(f"kernel must be 'packed' or 'reference', got {kernel!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         groups = [int(g) for g in groups]
         if len(groups) != len(shapes):
             raise ValueError(f"groups need one entry per parameter, got {len(groups)} for {len(shapes)}")
         if any(g < 0 or g >= num_groups for g in groups):
             raise ValueError(f"group indices must be in [0, {num_groups})")
         self.num_modes, self.num_groups, self.groups = num_modes, num_groups, groups
-        self.kernel = kernel
         self.device = devices[0] if devices else torch.device("cpu")
-        self._packed = _kernels.PackedBlocks(flat_slopes, flat_modes, shapes, groups, devices, num_modes, **layout)
+        self.kernel = kernels.backend(self.device) if kernel == "auto" else kernel
+        if self.kernel == "native" and kernels.cpu is None:
+            raise ValueError("kernel='native' needs cmd-optim's C extension, which this installation lacks")
+        self._packed = _packed.PackedBlocks(flat_slopes, flat_modes, shapes, groups, devices, num_modes, **layout)
         self.slopes: list[torch.Tensor] = self._packed.slopes
         # Squared norm of each coefficient's direction (sum of u^2 over its members, the map's own sums with
         # u for the gradient): dividing by it makes a mode step the least-squares projection of the full step.
-        norms = _kernels.mode_sums(self._packed, self.slopes, num_groups)
+        norms = _packed.mode_sums(self._packed, self.slopes, num_groups)
         self.active = norms > 0
         self.direction_norms = norms.float().clamp_min(torch.finfo(torch.float32).tiny)
         rms = torch.ones(num_modes) if mode_rms is None else mode_rms
@@ -87,7 +95,7 @@ class ModeMap:
 
     @classmethod
     def from_fit(cls, fit: SlopeFit, params: Sequence[torch.Tensor], groups: Sequence[int], num_groups: int,
-                 max_slope: float = MAX_SLOPE, kernel: str = "packed", **layout) -> ModeMap:
+                 max_slope: float = MAX_SLOPE, kernel: str = "auto", **layout) -> ModeMap:
         """The map of a fit of the concatenated ``params`` (its columns, in order). It takes over the fit's
         buffers, turning slopes into normalised slopes and modes into bins in place: the map costs no memory
         beyond the fit's 5 bytes per parameter."""
@@ -100,16 +108,16 @@ class ModeMap:
         a, mode = fit.a, fit.assignment
         sums = torch.zeros(fit.num_modes, dtype=torch.float64, device=a.device)
         counts = torch.zeros(fit.num_modes, dtype=torch.float64, device=a.device)
-        pieces = range(0, len(a), _kernels.CHUNK)
+        pieces = range(0, len(a), _packed.CHUNK)
         for start in pieces:  # a chunk at a time: no temporary of N elements
-            index = mode[start:start + _kernels.CHUNK].long()
-            sums.index_add_(0, index, a[start:start + _kernels.CHUNK].double().square())
+            index = mode[start:start + _packed.CHUNK].long()
+            sums.index_add_(0, index, a[start:start + _packed.CHUNK].double().square())
             counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
         rms = (sums / counts.clamp_min(1)).sqrt().float()
         unit = torch.where(rms > 0, rms, 1)
         for start in pieces:
-            piece = a[start:start + _kernels.CHUNK]
-            piece.div_(unit[mode[start:start + _kernels.CHUNK].long()]).clamp_(-max_slope, max_slope)
+            piece = a[start:start + _packed.CHUNK]
+            piece.div_(unit[mode[start:start + _packed.CHUNK].long()]).clamp_(-max_slope, max_slope)
         mapped = cls.__new__(cls)
         mapped._build(a, mode, [tuple(p.shape) for p in params], [p.device for p in params], groups, fit.num_modes,
                       num_groups, rms, kernel, layout)
@@ -164,7 +172,11 @@ class ModeMap:
         self._check_count(grads)
         if self.kernel == "reference":
             return self.mode_sums_reference(grads)
-        return _kernels.mode_sums(self._packed, grads, self.num_groups)
+        if self.kernel == "native" and kernels.cpu.supports(grads):
+            return kernels.cpu.mode_sums(self._packed, grads, self.num_groups)
+        if self.kernel == "triton":
+            return kernels.gpu.mode_sums(self._packed, grads, self.num_groups)
+        return _packed.mode_sums(self._packed, grads, self.num_groups)
 
     @torch.no_grad()
     def lift_(self, params: Sequence[torch.Tensor | None], delta: torch.Tensor) -> None:
@@ -176,7 +188,12 @@ class ModeMap:
             return
         flat = [p.view(-1) if p is not None and p.is_contiguous() else None for p in params]
         strided = [p if p is not None and not p.is_contiguous() else None for p in params]
-        _kernels.lift_(self._packed, flat, delta)
+        if self.kernel == "native" and all(t is None or t.dtype == torch.float32 for t in flat):
+            kernels.cpu.lift_(self._packed, flat, delta)
+        elif self.kernel == "triton":
+            kernels.gpu.lift_(self._packed, flat, delta)
+        else:
+            _packed.lift_(self._packed, flat, delta)
         if any(p is not None for p in strided):  # channels_last and other strided layouts
             self.lift_reference(strided, delta)
 

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..core import kernels
 from ..core._checks import check_dtype, check_int, check_real
 from ._params import all_finite, hyperparameters, tensor_bytes
 from .phase import Setup, _NonFinite, guarded_step
@@ -160,6 +161,16 @@ class LowRank:
         return phase
 
 
+def _accumulate(total: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
+    """``total += grad`` (rounded to ``total``'s dtype), and ``sum |grad|``, ``sum grad^2``: one fused pass
+    through the C extension for a bfloat16 sum on the CPU, three stock-PyTorch passes otherwise."""
+    if (kernels.cpu is not None and total.dtype == torch.bfloat16 and total.device.type == "cpu"
+            and total.is_contiguous() and kernels.cpu.supports([grad])):
+        return kernels.cpu.accumulate(total, grad)
+    total.add_(grad.to(total.dtype))
+    return float(grad.abs().sum(dtype=torch.float32)), float(grad.float().square().sum())
+
+
 def _split(setup: Setup) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The tracked matrices (two or more dimensions), and what trains in full: 1-D tracked parameters and
     the free ones."""
@@ -274,19 +285,13 @@ class LowRankPhase:
             grads.append(None if p.grad is None else u.T @ p.grad.reshape(u.shape[0], v.shape[0]).float() @ v)
         if not all_finite([*grads, *(p.grad for p in self.free)]):
             return False
-        sign_like = self.sign_like
         for index, (p, core, grad) in enumerate(zip(self.matrices, self.cores, grads)):
             core.grad = grad
             if grad is None or not accumulate:
                 continue
-            full = p.grad.reshape(self.sums[index].shape)
-            self.sums[index].add_(full.to(self.sums[index].dtype))
-            if sign_like:
-                self.statistics[index][0] += float(full.abs().sum())
-                self.statistics[index][1] += float(grad.abs().sum())
-            else:
-                self.statistics[index][0] += float(full.float().square().sum())
-                self.statistics[index][1] += float(grad.square().sum())
+            absolute, square = _accumulate(self.sums[index], p.grad.reshape(self.sums[index].shape))
+            self.statistics[index][0] += absolute if self.sign_like else square
+            self.statistics[index][1] += float(grad.abs().sum() if self.sign_like else grad.square().sum())
         return True
 
     def _sync_hyperparameters(self) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..core import MAX_SLOPE, Decomposition, ModeMap, SlopeFit
 from ..core._checks import check_real
+from ..core.mode_map import KERNELS
 from ._params import all_finite, hyperparameters, tensor_bytes
 from .phase import Setup, _NonFinite, guarded_step
 from .warmup import WarmupPhase, load_base_state
@@ -35,7 +36,8 @@ class Modes:
     Args:
         max_slope: the largest |u_i| (a parameter's slope in units of its mode's RMS slope).
         speed_limit: cap each coefficient's change per step at its reference's fastest warm-up speed.
-        kernel: the mode map's implementation, ``"packed"`` or ``"reference"``.
+        kernel: the mode map's kernels (:data:`cmd_optim.core.mode_map.KERNELS`; ``"auto"``: the fastest
+            this installation has for the device).
     """
 
     name = "modes"
@@ -44,12 +46,12 @@ class Modes:
     def check(self, setup: Setup) -> None:
         pass
 
-    def __init__(self, max_slope: float = MAX_SLOPE, speed_limit: bool = True, kernel: str = "packed") -> None:
+    def __init__(self, max_slope: float = MAX_SLOPE, speed_limit: bool = True, kernel: str = "auto") -> None:
         self.max_slope = check_real("max_slope", max_slope, low=0, low_open=True)
         if not isinstance(speed_limit, bool):
             raise TypeError(f"speed_limit must be True or False, got {speed_limit!r}")
-        if kernel not in ("packed", "reference"):
-            raise ValueError(f"kernel must be 'packed' or 'reference', got {kernel!r}")
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.speed_limit, self.kernel = speed_limit, kernel
 
     def __repr__(self) -> str:

@@ -1,7 +1,10 @@
 import pytest
 import torch
 
-from cmd_optim.core import ModeMap
+from cmd_optim.core import ModeMap, kernels
+
+#: every backend this installation has, and the readable reference they are held to
+KERNELS = ["torch", "reference"] + [name for name in ("native", "triton") if kernels.available()[name]]
 
 
 def _random_map(shapes, num_modes=10, groups=None, sorted_modes=False, seed=0, **kwargs):
@@ -29,7 +32,7 @@ def _dense_project(p, grads):
     return torch.where(norms > 0, out / norms, 0).reshape(-1)  # a coefficient with no member gets 0
 
 
-@pytest.mark.parametrize("kernel", ["packed", "reference"])
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("num_modes", [10, 100])  # 8 histogram lanes per mode, and 2
 @pytest.mark.parametrize("sorted_modes", [False, True])
 def test_project_and_lift_match_the_dense_formulas(sorted_modes, num_modes, kernel):
@@ -62,10 +65,11 @@ def test_small_parameters_of_one_group_share_blocks_up_to_a_chunk():
             assert p.slopes[i].shape == shapes[i]
 
 
-def test_mode_sums_over_parts_add_up():
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_mode_sums_over_parts_add_up(kernel):
     """A DDP bucket passes some gradients and None for the rest, also inside a packed block."""
     shapes = [(300,), (7,), (40,), (2000,), (9, 9)]
-    p = _random_map(shapes, groups=[0, 0, 1, 1, 1], **SMALL_BLOCKS)
+    p = _random_map(shapes, groups=[0, 0, 1, 1, 1], kernel=kernel, **SMALL_BLOCKS)
     gen = torch.Generator().manual_seed(2)
     grads = [torch.randn(s, generator=gen) for s in shapes]
     parts = [[g if i in part else None for i, g in enumerate(grads)] for part in ({0, 3}, {1, 2}, {4})]
@@ -73,10 +77,11 @@ def test_mode_sums_over_parts_add_up():
     torch.testing.assert_close(p.mode_sums(grads), p.mode_sums_reference(grads), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_gradients_and_the_absolute_placement(dtype):
+def test_half_precision_gradients_and_the_absolute_placement(dtype, kernel):
     shapes = [(50,), (8, 8), (3,)]
-    p = _random_map(shapes)
+    p = _random_map(shapes, kernel=kernel)
     gen = torch.Generator().manual_seed(4)
     grads = [torch.randn(s, generator=gen).to(dtype) for s in shapes]
     torch.testing.assert_close(p.project(grads).double(), _dense_project(p, [g.float() for g in grads]),
@@ -120,3 +125,25 @@ def test_state_dict_round_trip_and_checks():
 def test_more_than_256_modes_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="at most 256 modes .one byte per parameter"):
         ModeMap([torch.ones(3)], [torch.zeros(3, dtype=torch.uint8)], [0], 300, 1)
+
+
+def test_the_backend_is_named_and_can_be_forced(monkeypatch):
+    assert kernels.backend("cpu") == ("native" if kernels.available()["native"] else "torch")
+    monkeypatch.setenv("CMD_OPTIM_KERNELS", "torch")
+    assert kernels.backend("cpu") == "torch"
+    assert _random_map([(10,)]).kernel == "torch"
+
+
+@pytest.mark.skipif(not kernels.available()["native"], reason="the C extension is not built")
+def test_the_native_accumulate_matches_torch():
+    from cmd_optim.core.kernels import cpu
+
+    gen = torch.Generator().manual_seed(5)
+    total = torch.randn(100_003, generator=gen).to(torch.bfloat16)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        grad = torch.randn(100_003, generator=gen).to(dtype)
+        expected = total.clone().add_(grad.to(torch.bfloat16))
+        absolute, square = cpu.accumulate(total, grad)
+        assert torch.equal(total, expected), dtype
+        assert absolute == pytest.approx(float(grad.float().abs().sum()), rel=1e-5)
+        assert square == pytest.approx(float(grad.float().square().sum()), rel=1e-5)
