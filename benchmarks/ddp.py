@@ -1,6 +1,8 @@
-"""Data-parallel communication: plain DDP against DDP with the CMD hook, 2 and 4 CPU processes (gloo).
+"""Data-parallel communication: plain DDP against DDP with the CMD hook, 2 and 4 CPU processes (gloo); and
+accuracy against bytes sent, for plain DDP, PowerSGD (rank 1 and 4) and the CMD hook.
 
     python -m benchmarks.ddp [--params 4000000] [--steps 20] [--worlds 2 4] [--no-write]
+    python -m benchmarks.ddp --accuracy [--tasks digits mnist1d] [--seeds 3] [--no-write]
 
 Each process trains a two-layer MLP on its share of a random global batch of 64. "Plain DDP" is SGD with
 momentum under DDP's own all-reduce; "CMD hook" is CMDOptimizer(SGD) in its reduced phase with
@@ -9,6 +11,7 @@ times are the median of ``--steps`` whole steps (forward, backward with communic
 Writes the "ddp" section of docs/benchmarks.md.
 """
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -22,6 +25,8 @@ from torch import nn
 from cmd_optim import CMDOptimizer
 from cmd_optim.integrations.ddp import register_cmd_hook
 
+from . import datasets
+from .quality import IMAGES, _cnn, _mlp
 from .report import machine, write_section
 from .step_cost import mlp_shapes
 
@@ -80,13 +85,157 @@ def measure(world: int, params: int, steps: int) -> dict:
         return {method: torch.load(os.path.join(folder, f"{method}.pt")) for method in ("plain", "cmd")}
 
 
+# ---------------------------------------------------------------------------------------------- accuracy
+ACCURACY_TASKS = {
+    "digits": dict(name="digits MLP", load=lambda: datasets.digits(seed=0), model=_mlp, steps=600, switch=300,
+                   snapshot_every=10, batch=64),
+    "mnist1d": dict(name="MNIST-1D CNN", load=lambda: datasets.mnist1d(num_samples=4000, seed=42), model=_cnn,
+                    steps=800, switch=400, snapshot_every=20, batch=128),
+}
+ACCURACY_METHODS = ("DDP", "PowerSGD rank 1", "PowerSGD rank 4", "CMD hook (modes)")
+
+
+def _accuracy_worker(rank, world, folder, task_key, method, seed):
+    """One run on ``world`` processes; rank 0 saves the test accuracy and the bytes sent per step."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as power_sgd
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    sent = [0]
+    all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):  # every method's hook goes through this
+        sent[0] += tensor.numel() * tensor.element_size()
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    task = ACCURACY_TASKS[task_key]
+    data = task["load"]()
+    torch.manual_seed(seed)
+    model = task["model"]()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    sgd = dict(lr=0.05, momentum=0.9)
+    if method == "CMD hook (modes)":
+        optimizer = CMDOptimizer(model, base=torch.optim.SGD, modes=10, switch_after=task["switch"],
+                                 snapshot_every=task["snapshot_every"], seed=seed, **sgd)
+        register_cmd_hook(ddp, optimizer)
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), **sgd)
+        if method.startswith("PowerSGD"):
+            state = power_sgd.PowerSGDState(process_group=None, matrix_approximation_rank=int(method.split()[-1]),
+                                            start_powerSGD_iter=task["switch"], use_error_feedback=True,
+                                            warm_start=True, random_seed=seed)
+            ddp.register_comm_hook(state, power_sgd.powerSGD_hook)
+        else:
+            ddp.register_comm_hook(None, default_hooks.allreduce_hook)
+    share = task["batch"] // world
+    per_step = []
+    for step in range(task["steps"]):
+        index = torch.randint(0, len(data[1]), (task["batch"],), generator=torch.Generator().manual_seed(seed * 100_003 + step))
+        mine = index[rank * share:(rank + 1) * share]
+        before = sent[0]
+        nn.functional.cross_entropy(ddp(data[0][mine]), data[1][mine]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        per_step.append(sent[0] - before)
+    if rank == 0:
+        with torch.no_grad():
+            accuracy = float((model(data[2]).argmax(1) == data[3]).float().mean())
+        torch.save({"accuracy": accuracy, "bytes": per_step}, os.path.join(folder, "result.pt"))
+    dist.destroy_process_group()
+
+
+def accuracy_comparison(tasks, seeds: int, world: int = 2) -> list[dict]:
+    records = []
+    for task in tasks:
+        for seed in range(seeds):
+            for method in ACCURACY_METHODS:
+                with tempfile.TemporaryDirectory() as folder:
+                    mp.spawn(_accuracy_worker, args=(world, folder, task, method, seed), nprocs=world, join=True)
+                    result = torch.load(os.path.join(folder, "result.pt"))
+                switch = ACCURACY_TASKS[task]["switch"]
+                records.append({"task": task, "method": method, "seed": seed, "accuracy": result["accuracy"],
+                                "bytes_per_step": statistics.mean(result["bytes"]),
+                                "bytes_per_step_after_switch": statistics.mean(result["bytes"][switch + 1:])})
+                print(records[-1], flush=True)
+    return records
+
+
+def _accuracy_plot(records, tasks) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for method in ACCURACY_METHODS:
+            rows = [r for r in records if r["task"] == task and r["method"] == method]
+            ax.scatter([r["bytes_per_step"] for r in rows], [r["accuracy"] for r in rows], label=method, s=18)
+            ax.scatter([statistics.mean(r["bytes_per_step"] for r in rows)],
+                       [statistics.mean(r["accuracy"] for r in rows)], marker="x", color="black", s=30)
+        ax.set(xscale="log", title=ACCURACY_TASKS[task]["name"] + " (2 processes)", xlabel="bytes sent per step (mean)",
+               ylabel="test accuracy")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    fig.savefig(IMAGES / "ddp_accuracy_bytes.png", dpi=110)
+    plt.close(fig)
+    return "ddp_accuracy_bytes.png"
+
+
+def _accuracy_section(records, tasks, seeds) -> str:
+    lines = []
+    for task in tasks:
+        for method in ACCURACY_METHODS:
+            rows = [r for r in records if r["task"] == task and r["method"] == method]
+            accuracy = [r["accuracy"] for r in rows]
+            lines.append(f"| {ACCURACY_TASKS[task]['name']} | {method} | {statistics.mean(accuracy):.4f} ± "
+                         f"{statistics.stdev(accuracy) if len(accuracy) > 1 else 0:.4f} | "
+                         f"{statistics.mean(r['bytes_per_step'] for r in rows):,.0f} | "
+                         f"{statistics.mean(r['bytes_per_step_after_switch'] for r in rows):,.0f} |")
+    image = _accuracy_plot(records, tasks)
+    return f"""## Data-parallel accuracy against bytes sent: DDP, PowerSGD and the CMD hook
+
+2 gloo processes, the global batch split between them, SGD 0.05 with momentum 0.9, equal steps, {seeds} seeds.
+PowerSGD (torch's `powerSGD_hook`, error feedback and warm start) and the CMD hook send full gradients for
+the first half of the steps (PowerSGD's `start_powerSGD_iter` is CMD's switch) and compress after it.
+Bytes: what one rank hands to all-reduce per step, counted at `torch.distributed.all_reduce`.
+
+Machine: {machine()}.
+Command: `python -m benchmarks.ddp --accuracy --tasks {' '.join(tasks)} --seeds {seeds}`
+
+| task | method | test accuracy | bytes per step (whole run) | bytes per step after the switch |
+|---|---|---|---|---|
+{chr(10).join(lines)}
+
+{f"![accuracy against bytes](img/{image})" if image else ""}
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=4_000_000)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--accuracy", action="store_true", help="accuracy against bytes: DDP, PowerSGD, CMD")
+    parser.add_argument("--tasks", nargs="+", choices=sorted(ACCURACY_TASKS), default=["digits", "mnist1d"])
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--json", help="write the accuracy records here")
     args = parser.parse_args()
+    if args.accuracy:
+        records = accuracy_comparison(args.tasks, args.seeds)
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(records, out)
+        body = _accuracy_section(records, args.tasks, args.seeds)
+        print(body)
+        if not args.no_write:
+            write_section("ddp-accuracy", body)
+        return
     rows = []
     for world in args.worlds:
         result = measure(world, args.params, args.steps)

@@ -57,17 +57,26 @@ def worker(config: str, params: int, snapshots: int) -> dict:
     settings = dict(CONFIGS[config])
     scratch = tempfile.TemporaryDirectory(prefix="cmd-memory-") if settings.pop("disk", False) else None
     folder = scratch.name if scratch is not None else None
-    optimizer = CMDOptimizer(model, base=torch.optim.SGD, modes=10, switch_after=snapshots - 1, snapshot_every=1,
-                             snapshot_dir=folder, lr=1e-3, momentum=momentum, **settings)
     x = torch.randn(8, model[0].in_features)
+    target = torch.randn(8, model[-1].out_features)
+
+    def loss():
+        return nn.functional.mse_loss(model(x), target)
+
+    loss().backward()  # a rate that moves the weights by about 1% per step at any width (float16 resolves it)
+    lr = 0.01 * float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).norm()
+                      / torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm())
+    model.zero_grad()
+    optimizer = CMDOptimizer(model, base=torch.optim.SGD, modes=10, switch_after=snapshots - 1, snapshot_every=1,
+                             snapshot_dir=folder, lr=lr, momentum=momentum, **settings)
 
     def step():
         optimizer.zero_grad(set_to_none=False)
-        model(x).square().mean().backward()
+        loss().backward()
         optimizer.step()
 
     reference = torch.optim.SGD(model.parameters(), lr=0.0, momentum=momentum)  # the baseline's momentum, then freed
-    model(x).square().mean().backward()
+    loss().backward()
     reference.step()
     baseline = _rss()
     del reference
@@ -116,8 +125,9 @@ def main(argv=None) -> list[dict]:
         f" --big {args.big} --big-snapshots {args.big_snapshots}" if args.big else "")
     body = f"""## Memory: warm-up and switch, and what the reduced phase keeps
 
-A model of three square Linear layers (four, and SGD without momentum, in the 1B row), SGD with momentum,
-a snapshot every step up to the switch, 10 modes, the default mode reduction. "Switch" is the peak resident memory through the warm-up and the switch above the
+A model of three square Linear layers (four, and SGD without momentum, in the 1B row), mean-squared error to
+a random target, SGD with momentum at a rate that moves the weights by about 1% per step, a snapshot every
+step up to the switch, 10 modes, the mode reduction. "Switch" is the peak resident memory through the warm-up and the switch above the
 resident memory once the model, its gradients and the momentum exist (what plain SGD needs as well), per
 parameter; "reduced" is the optimizer's state afterwards per parameter (`state_bytes`: the map, 5 bytes,
 plus the mode optimizer's few numbers). Time: the warm-up steps and the switch together. Each row is a

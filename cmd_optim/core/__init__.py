@@ -22,10 +22,13 @@ from .decomposition import (
     ColumnSource,
     Decomposition,
     FitQuality,
+    FitSums,
     SlopeFit,
+    choose_references,
     chunks,
     decompose,
     fit_slopes,
+    fit_slopes_to_profiles,
 )
 from .layout import FlatLayout
 from .mode_map import MAX_SLOPE, ModeMap
@@ -39,15 +42,18 @@ __all__ = [
     "ColumnSource",
     "Decomposition",
     "FitQuality",
+    "FitSums",
     "FlatLayout",
     "ModeMap",
     "OnlineCMD",
     "SlopeFit",
     "SnapshotBuffer",
     "abs_correlation",
+    "choose_references",
     "chunks",
     "cluster_references",
     "decompose",
     "fit_slopes",
+    "fit_slopes_to_profiles",
     "sample_columns",
 ]

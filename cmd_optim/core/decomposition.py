@@ -22,8 +22,8 @@ from ._checks import check_int
 from .clustering import abs_correlation, cluster_references
 from .sampling import sample_columns
 
-__all__ = ["CHUNK_ELEMENTS", "ColumnSource", "Decomposition", "FitQuality", "SlopeFit", "chunks", "decompose",
-           "fit_slopes"]
+__all__ = ["CHUNK_ELEMENTS", "ColumnSource", "Decomposition", "FitQuality", "FitSums", "SlopeFit", "choose_references",
+           "chunks", "decompose", "fit_slopes", "fit_slopes_to_profiles"]
 
 #: Elements of the trajectory processed at once (columns per chunk = this // T), unless the trajectory
 #: is a :class:`ColumnSource` that sets its own ``chunk_elements``.
@@ -277,7 +277,7 @@ def decompose(
     def store(cols, mode, chunk_comoment, chunk_mean):
         assignment[cols], comoment[cols], mean[cols] = mode, chunk_comoment, chunk_mean
 
-    quality = _fit_columns(trajectory, refs, measure, store)
+    sums = _fit_columns(trajectory, refs, measure, store)
     if not torch.isfinite(comoment).all():
         _raise_too_large(dtype)
     # A reference follows its own profile exactly (a = 1, b = 0), even if an identical column exists.
@@ -285,7 +285,7 @@ def decompose(
     comoment[refs.references] = refs.m2
     mean[refs.references] = refs.mean
     d = Decomposition(assignment, refs.references, refs.profiles, mean, comoment, refs.mean, refs.m2)
-    d.fit_quality = quality
+    d.fit_quality = sums.quality() if sums is not None else None
     return d
 
 
@@ -329,8 +329,23 @@ def fit_slopes(
     references, assignment and slopes, in a fifth of the memory."""
     trajectory = _as_trajectory(trajectory)
     refs = _choose_references(trajectory, modes, samples, seed, layer_sizes)
+    fit, sums = fit_slopes_to_profiles(trajectory, refs.profiles, own_references=refs.references, measure=measure)
+    fit.references, fit.fit_quality = refs.references, sums.quality() if sums is not None else None
+    return fit
+
+
+def fit_slopes_to_profiles(trajectory, profiles: torch.Tensor, own_references: torch.Tensor | None = None,
+                           measure: bool = False) -> tuple[SlopeFit, FitSums | None]:
+    """Steps 5-6 of CMD against given reference profiles (M, T): every column of ``trajectory`` (T, N) gets
+    the mode whose profile it correlates with most and its least-squares slope. ``own_references`` (M,)
+    gives the column of each reference in this trajectory (-1 where it lies elsewhere, as in one shard of
+    a sharded trajectory); those columns get their own mode and slope 1. Returns the fit (its
+    ``references`` are ``own_references``) and, with ``measure``, the raw sums of its quality (sums over
+    shards add up: :meth:`FitSums.quality` of the added sums is the quality of the whole)."""
+    trajectory = _as_trajectory(trajectory, minimum_columns=0)
+    refs = _profile_statistics(torch.as_tensor(profiles), trajectory.dtype)
     num_params, device = trajectory.shape[1], trajectory.device
-    index_dtype = torch.uint8 if refs.references.numel() <= 256 else torch.int16
+    index_dtype = torch.uint8 if refs.profiles.shape[0] <= 256 else torch.int16
     assignment = torch.empty(num_params, dtype=index_dtype, device=device)
     a = torch.empty(num_params, dtype=torch.float32, device=device)
 
@@ -338,19 +353,24 @@ def fit_slopes(
         assignment[cols] = mode.to(index_dtype)
         a[cols] = _slopes(chunk_comoment, refs.m2[mode]).float()
 
-    quality = _fit_columns(trajectory, refs, measure, store)
+    sums = _fit_columns(trajectory, refs, measure, store) if num_params else (
+        FitSums(trajectory.shape[0], refs.profiles.dtype, device) if measure else None)
     if not torch.isfinite(a).all():
         _raise_too_large(refs.profiles.dtype)
-    assignment[refs.references] = torch.arange(refs.references.numel(), device=device).to(index_dtype)
-    a[refs.references] = torch.where(refs.m2 > 0, 1.0, 0.0).float()
-    return SlopeFit(assignment, a, refs.references, refs.profiles, quality)
+    references = torch.full((refs.profiles.shape[0],), -1, dtype=torch.long) if own_references is None else \
+        torch.as_tensor(own_references, dtype=torch.long)
+    for mode, column in enumerate(references.tolist()):  # a reference follows its own profile exactly
+        if column >= 0:
+            assignment[column] = mode
+            a[column] = 1.0 if bool(refs.m2[mode] > 0) else 0.0
+    return SlopeFit(assignment, a, references.to(device), refs.profiles), sums
 
 
 @dataclass
 class _References:
     """The chosen references and the statistics of their profiles that the per-column fit needs."""
 
-    references: torch.Tensor  # (M,) column indices
+    references: torch.Tensor | None  # (M,) column indices
     profiles: torch.Tensor  # (M, T)
     mean: torch.Tensor  # (M,)
     m2: torch.Tensor  # (M,) sum of squared deviations
@@ -372,12 +392,25 @@ def _choose_references(trajectory, modes, samples, seed, layer_sizes) -> _Refere
     sampled_columns = trajectory[:, sampled].to(dtype)
     if not torch.isfinite(sampled_columns).all():
         _raise_non_finite(trajectory, slice(0, num_params))
-    corr, constant = abs_correlation(sampled_columns, resolution=torch.finfo(trajectory.dtype).eps)
-    references = sampled[cluster_references(corr, constant, modes).to(device)]
+    chosen = choose_references(sampled_columns, modes, resolution=torch.finfo(trajectory.dtype).eps)
+    refs = _profile_statistics(sampled_columns[:, chosen].T.contiguous(), trajectory.dtype)
+    refs.references = sampled[chosen.to(device)]
+    return refs
 
+
+def choose_references(sampled_columns: torch.Tensor, modes: int, resolution: float | None = None) -> torch.Tensor:
+    """Steps 2-4 of CMD on sampled columns (T, K): |corr| among them, complete-linkage clustering into at
+    most ``modes`` clusters, each cluster's reference; returns their positions among the K (a LongTensor)."""
+    corr, constant = abs_correlation(sampled_columns, resolution=resolution)
+    return cluster_references(corr, constant, modes)
+
+
+def _profile_statistics(profiles: torch.Tensor, storage_dtype: torch.dtype) -> _References:
+    """What the per-column fit needs of the reference profiles (M, T), in the compute dtype."""
+    dtype = _compute_dtype(storage_dtype)
+    profiles = profiles.to(dtype)
     # The profiles' statistics in float64 (M x T numbers): a float32 mean leaves centred rows that do not
     # sum to zero, and for a reference that barely moves that rounding would dominate its co-moments.
-    profiles = trajectory[:, references].to(dtype).T.contiguous()
     exact = profiles.double()
     exact_mean = exact.mean(dim=1)
     centered = exact - exact_mean[:, None]
@@ -387,19 +420,19 @@ def _choose_references(trajectory, modes, samples, seed, layer_sizes) -> _Refere
     # std (for a fixed column, |corr| is proportional to that), and, in the last row, the column sums.
     weights = torch.cat([centered / torch.where(exact_std > 0, exact_std, 1)[:, None],
                          torch.ones_like(centered[:1])]).to(dtype)
-    refs = _References(references, profiles, exact_mean.to(dtype), exact_m2.to(dtype), exact_std.to(dtype), weights)
+    refs = _References(None, profiles, exact_mean.to(dtype), exact_m2.to(dtype), exact_std.to(dtype), weights)
     if not (torch.isfinite(refs.m2).all() and torch.isfinite(weights).all()):
         _raise_too_large(dtype)
     return refs
 
 
-def _fit_columns(trajectory, refs: _References, measure: bool, store) -> FitQuality | None:
+def _fit_columns(trajectory, refs: _References, measure: bool, store) -> FitSums | None:
     """Steps 5-6, one pass over the trajectory: every column's mode (highest |corr| with a profile), its
     co-moment with that profile and its mean, handed to ``store(cols, mode, comoment, mean)`` a chunk at a
     time; with ``measure``, the fit's quality gathered in the same pass."""
     num_snapshots = trajectory.shape[0]
     dtype = refs.profiles.dtype
-    sums = _FitSums(num_snapshots, dtype, trajectory.device) if measure else None
+    sums = FitSums(num_snapshots, dtype, trajectory.device) if measure else None
     pieces = chunks(trajectory)
     measured = set(range(0, len(pieces), max(1, len(pieces) // 8)))
     for index, cols in enumerate(pieces):
@@ -418,7 +451,7 @@ def _fit_columns(trajectory, refs: _References, measure: bool, store) -> FitQual
             if index in measured:
                 a = _slopes(comoment, refs.m2[mode])
                 sums.add_snapshots(x, torch.addcmul(mean - a * refs.mean[mode], a, refs.profiles.T[:, mode]))
-    return sums.quality() if sums is not None else None
+    return sums
 
 
 def _slopes(comoment: torch.Tensor, m2: torch.Tensor) -> torch.Tensor:
@@ -435,8 +468,9 @@ def _accumulate_residuals(x, model, residual, norm, total=None) -> None:
         total += (x - x.mean(dim=0)).square().sum()
 
 
-class _FitSums:
-    """The fit's quality, gathered during :func:`decompose`'s one pass.
+class FitSums:
+    """The fit's quality, gathered during :func:`decompose`'s one pass. Sums over the shards of a trajectory
+    add up: all-reduce :meth:`tensors` in place, then :meth:`quality` is the whole's.
 
     Explained variance exactly, from each column's least-squares residual ``S_xx - comoment^2 / m2`` (one
     sum of squares per column); the relative error per snapshot from the exact residuals of every k-th
@@ -459,13 +493,17 @@ class _FitSums:
     def add_snapshots(self, x, model) -> None:
         _accumulate_residuals(x, model, self.residual, self.norm)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The sums themselves (to all-reduce across the shards of a trajectory, in place)."""
+        return [self.residual, self.norm, self.column_residual, self.column_total]
+
     def quality(self) -> FitQuality:
         error = (self.residual / self.norm.clamp_min(torch.finfo(self.norm.dtype).tiny)).sqrt()
         total = float(self.column_total)
         return FitQuality(error, 1.0 - float(self.column_residual) / total if total > 0 else 1.0)
 
 
-def _as_trajectory(trajectory) -> torch.Tensor | ColumnSource:
+def _as_trajectory(trajectory, minimum_columns: int = 1) -> torch.Tensor | ColumnSource:
     if not isinstance(trajectory, ColumnSource):
         trajectory = torch.as_tensor(trajectory)
     shape = tuple(trajectory.shape)
@@ -475,7 +513,7 @@ def _as_trajectory(trajectory) -> torch.Tensor | ColumnSource:
         raise ValueError(f"trajectory must be a floating-point tensor, got {trajectory.dtype}")
     if shape[0] < 3:
         raise ValueError(f"trajectory needs at least 3 snapshots (rows), got {shape[0]}")
-    if shape[1] < 1:
+    if shape[1] < minimum_columns:
         raise ValueError("trajectory has no parameters (0 columns)")
     if shape[0] > 4096 and shape[0] > shape[1]:
         warnings.warn(f"trajectory has {shape[0]} snapshots (rows) of {shape[1]} parameters (columns): rows are "

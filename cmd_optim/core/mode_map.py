@@ -67,7 +67,7 @@ class ModeMap:
                     num_modes, num_groups, mode_rms, kernel, layout)
 
     def _build(self, flat_slopes, flat_modes, shapes, devices, groups, num_modes, num_groups, mode_rms, kernel,
-               layout) -> None:
+               layout, reduce=None) -> None:
         num_modes = check_int("num_modes", num_modes, low=1)
         if num_modes > 256:
             raise ValueError(f"a mode map holds at most 256 modes (one byte per parameter), got {num_modes}")
@@ -88,6 +88,8 @@ class ModeMap:
         # Squared norm of each coefficient's direction (sum of u^2 over its members, the map's own sums with
         # u for the gradient): dividing by it makes a mode step the least-squares projection of the full step.
         norms = _packed.mode_sums(self._packed, self.slopes, num_groups)
+        if reduce is not None:  # the map of one shard: its coefficients' directions span every shard
+            reduce([norms])
         self.active = norms > 0
         self.direction_norms = norms.float().clamp_min(torch.finfo(torch.float32).tiny)
         rms = torch.ones(num_modes) if mode_rms is None else mode_rms
@@ -95,10 +97,12 @@ class ModeMap:
 
     @classmethod
     def from_fit(cls, fit: SlopeFit, params: Sequence[torch.Tensor], groups: Sequence[int], num_groups: int,
-                 max_slope: float = MAX_SLOPE, kernel: str = "auto", **layout) -> ModeMap:
+                 max_slope: float = MAX_SLOPE, kernel: str = "auto", reduce=None, **layout) -> ModeMap:
         """The map of a fit of the concatenated ``params`` (its columns, in order). It takes over the fit's
         buffers, turning slopes into normalised slopes and modes into bins in place: the map costs no memory
-        beyond the fit's 5 bytes per parameter."""
+        beyond the fit's 5 bytes per parameter. For the fit of one shard of a sharded trajectory,
+        ``reduce(tensors)`` adds tensors over the shards in place (the RMS slopes and the directions' norms
+        are the whole's)."""
         max_slope = check_real("max_slope", max_slope, low=0, low_open=True)
         if sum(p.numel() for p in params) != fit.num_params:
             raise ValueError(f"the parameters hold {sum(p.numel() for p in params)} elements, the fit "
@@ -113,6 +117,8 @@ class ModeMap:
             index = mode[start:start + _packed.CHUNK].long()
             sums.index_add_(0, index, a[start:start + _packed.CHUNK].double().square())
             counts.index_add_(0, index, torch.ones_like(index, dtype=torch.float64))
+        if reduce is not None:
+            reduce([sums, counts])
         rms = (sums / counts.clamp_min(1)).sqrt().float()
         unit = torch.where(rms > 0, rms, 1)
         for start in pieces:
@@ -120,7 +126,7 @@ class ModeMap:
             piece.div_(unit[mode[start:start + _packed.CHUNK].long()]).clamp_(-max_slope, max_slope)
         mapped = cls.__new__(cls)
         mapped._build(a, mode, [tuple(p.shape) for p in params], [p.device for p in params], groups, fit.num_modes,
-                      num_groups, rms, kernel, layout)
+                      num_groups, rms, kernel, layout, reduce)
         return mapped
 
     @classmethod
@@ -239,7 +245,7 @@ class ModeMap:
                 "num_modes": self.num_modes, "num_groups": self.num_groups, "mode_rms": self.mode_rms}
 
     @classmethod
-    def from_state_dict(cls, state: dict, params: Sequence[torch.Tensor], **kwargs) -> ModeMap:
+    def from_state_dict(cls, state: dict, params: Sequence[torch.Tensor], reduce=None, **kwargs) -> ModeMap:
         """The map ``state`` describes, for ``params`` (shapes checked, tensors moved to their devices)."""
         missing = [k for k in ("slopes", "modes", "groups", "num_modes", "num_groups", "mode_rms") if k not in state]
         if missing:
@@ -256,5 +262,11 @@ class ModeMap:
                                  f"({state['num_modes']})")
         if not all(bool(torch.isfinite(u).all()) for u in slopes):
             raise ValueError("the mode map state holds non-finite slopes")
-        return cls([u.to(p.device) for u, p in zip(slopes, params)], [m.to(p.device) for m, p in zip(modes, params)],
-                   state["groups"], state["num_modes"], state["num_groups"], state["mode_rms"], **kwargs)
+        mapped = cls.__new__(cls)
+        device = params[0].device if params else torch.device("cpu")
+        flat_slopes = torch.cat([u.reshape(-1).to(device, torch.float32) for u in slopes]) if slopes else torch.zeros(0)
+        flat_modes = torch.cat([m.reshape(-1).to(device, torch.uint8) for m in modes]) if modes else torch.zeros(0)
+        mapped._build(flat_slopes, flat_modes, [tuple(p.shape) for p in params], [p.device for p in params],
+                      state["groups"], state["num_modes"], state["num_groups"], state["mode_rms"],
+                      kwargs.pop("kernel", "auto"), kwargs, reduce)
+        return mapped

@@ -50,9 +50,11 @@ def check_rank_consistency(d: Decomposition | SlopeFit, group=None) -> None:
 
 
 def refuse_sharding(model, params, base) -> None:
-    """FSDP and ZeroRedundancyOptimizer give ranks different parameters; CMD needs them identical."""
-    if type(model).__name__ in ("FullyShardedDataParallel", "FSDPModule") or any(
-            getattr(p, "_is_flat_param", False) or type(p).__name__ == "DTensor" for p in params):
-        raise TypeError(f"CMDOptimizer does not support FSDP-sharded parameters: {_ADVICE}")
+    """What CMD cannot decompose: FSDP1's flat parameters and ZeroRedundancyOptimizer (ranks hold different
+    flat shards, not row shards of each parameter). FSDP2 (``fully_shard``) is supported."""
+    if type(model).__name__ == "FullyShardedDataParallel" or any(getattr(p, "_is_flat_param", False) for p in params):
+        raise TypeError("CMDOptimizer does not support FSDP1's flat parameters: shard with FSDP2's fully_shard, or "
+                        f"{_ADVICE}")
     if isinstance(base, type) and base.__name__ == "ZeroRedundancyOptimizer":
-        raise TypeError(f"CMDOptimizer does not support base=ZeroRedundancyOptimizer: {_ADVICE}")
+        raise TypeError(f"CMDOptimizer does not support base=ZeroRedundancyOptimizer (DeepSpeed's ZeRO neither): "
+                        f"shard with FSDP2's fully_shard, or {_ADVICE}")

@@ -17,6 +17,7 @@ from .gradual import Gradual
 from .lowrank import LowRank
 from .modes import Modes
 from .phase import Phase, Setup
+from .sharding import Sharding, is_sharded
 from .warmup import WarmupPhase
 
 __all__ = ["CMDOptimizer", "find_cmd_optimizer", "optimizer_state_bytes"]
@@ -98,14 +99,22 @@ class CMDOptimizer(torch.optim.Optimizer):
                              f"gives {switch_after // snapshot_every + 1} snapshots, CMD needs at least 3")
         params = gather_params(model, keep_free)
         refuse_sharding(model, [p for g in params.groups for p in g["params"]], base)
+        sharded = [is_sharded(p) for p in params.tracked]
+        if any(sharded) and not all(sharded):
+            raise TypeError("some tracked parameters are FSDP2 shards and some are not: shard the whole model "
+                            "with fully_shard, or keep the unsharded ones free (keep_free)")
         device, dtype = check_device("snapshot_device", snapshot_device), check_dtype("snapshot_dtype", snapshot_dtype)
         if snapshot_dir is not None and device.type != "cpu":
             raise ValueError(f"snapshot_dir keeps the snapshots in a file; snapshot_device={snapshot_device!r} "
                              "cannot apply (leave it at 'cpu')")
         self._setup = Setup(params, BaseFactory(base, base_kwargs), switch_after, snapshot_every, device, dtype,
                             None if snapshot_dir is None else str(snapshot_dir), ModeExchange(params.tracked),
-                            record_snapshots=self.reduction.needs_snapshots)
+                            record_snapshots=self.reduction.needs_snapshots,
+                            sharding=Sharding(params.tracked) if all(sharded) else None)
         self.reduction.check(self._setup)
+        if self._setup.sharding is not None and keep_decomposition:
+            raise ValueError("keep_decomposition is not available with FSDP2-sharded parameters (each rank fits only "
+                             "its own shard)")
         self.keep_decomposition = keep_decomposition
         self._phase: Phase = WarmupPhase(self._setup)
         self._constructing = True
@@ -161,6 +170,11 @@ class CMDOptimizer(torch.optim.Optimizer):
     def embedding(self):
         """The :class:`~cmd_optim.optim.embedding.GradualEmbedding` after a :class:`Gradual` switch, else None."""
         return getattr(self._phase, "embedding", None)
+
+    @property
+    def sharding(self) -> Sharding | None:
+        """Under FSDP2, where this rank's rows of the tracked parameters lie (``sharding.mesh``); else None."""
+        return self._setup.sharding
 
     @property
     def mode_exchange(self) -> ModeExchange:
@@ -229,22 +243,27 @@ class CMDOptimizer(torch.optim.Optimizer):
         snapshots = warmup.snapshots
         keep = self.keep_decomposition or isinstance(self.reduction, Gradual)
         d = None
-        if snapshots is not None:
+        if snapshots is not None and self._setup.sharding is not None:
+            d = self._setup.sharding.fit_slopes(snapshots.trajectory(), self.modes, self.samples, self.seed,
+                                                measure=True)
+        elif snapshots is not None:
             fit = decompose if keep else fit_slopes  # the mode map needs 5 bytes per parameter, not 24
             d = fit(snapshots.trajectory(), modes=self.modes, samples=self.samples, seed=self.seed,
                     layer_sizes=snapshots.layout.sizes, measure=True)
+        if d is not None:
             if not bool((d.profiles.amax(dim=1) > d.profiles.amin(dim=1)).any()):
                 raise RuntimeError(
                     f"the warm-up moved none of the sampled parameters in {self.steps_taken} steps (a learning "
                     "rate of 0, zero gradients, or step() without a backward?): there are no modes to train. "
                     "The optimizer stays in the warm-up and retries at the next step.")
-            if torch.distributed.is_available() and torch.distributed.is_initialized():
-                check_rank_consistency(d)
+            if self._setup.sharding is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+                check_rank_consistency(d)  # (sharded, the ranks agree by construction: shared samples)
         reduced = self.reduction.build(self._setup, warmup, d)
         report = {"step": self.steps_taken, "reduction": self.reduction.name,
                   "trainable_dims": reduced.trainable_dims()}
         if d is not None:
-            report.update({"modes": d.num_modes, "decomposed_params": d.num_params, "snapshots": d.num_snapshots,
+            total = d.num_params if self._setup.sharding is None else self._setup.sharding.num_global
+            report.update({"modes": d.num_modes, "decomposed_params": total, "snapshots": d.num_snapshots,
                            "relative_error": float(d.fit_quality.relative_error.mean()),
                            "explained_variance": d.fit_quality.explained_variance})
         self.switch_report = report

@@ -33,7 +33,8 @@ class Gradual:
     needs_snapshots = True
 
     def check(self, setup: Setup) -> None:
-        pass
+        if setup.sharding is not None:
+            raise ValueError("reduction=Gradual is not available with FSDP2-sharded parameters: use reduction='modes'")
 
     def __init__(self, every: int = 2, fraction: float = 0.1) -> None:
         self.every = check_int("every", every, low=1)

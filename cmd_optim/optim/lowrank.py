@@ -91,6 +91,9 @@ class LowRank:
 
     def check(self, setup: Setup) -> None:
         """Refuse, at construction, what this reduction cannot do."""
+        if setup.sharding is not None:
+            raise ValueError("reduction=LowRank is not available with FSDP2-sharded parameters yet: use "
+                             "reduction='modes'")
         if setup.make_base.optimizer_name == "LBFGS":
             raise ValueError("reduction=LowRank trains one parameter group per matrix, and LBFGS takes a single "
                              "group: use reduction='modes' with LBFGS")

@@ -21,7 +21,7 @@ from torch import nn
 from ..core import MAX_SLOPE, Decomposition, ModeMap, SlopeFit
 from ..core._checks import check_real
 from ..core.mode_map import KERNELS
-from ._params import all_finite, hyperparameters, tensor_bytes
+from ._params import hyperparameters, tensor_bytes
 from .phase import Setup, _NonFinite, guarded_step
 from .warmup import WarmupPhase, load_base_state
 
@@ -62,8 +62,10 @@ class Modes:
         coefficients at zero, SGD momentum projected."""
         params = setup.params
         fit = d.slope_fit() if isinstance(d, Decomposition) else d
-        mode_map = ModeMap.from_fit(fit, params.tracked, params.tracked_groups, len(params.groups),
-                                    self.max_slope, kernel=self.kernel)
+        local = [setup.local(p) for p in params.tracked]  # this rank's shards under FSDP2
+        reduce = setup.sharding.all_reduce if setup.sharding is not None else None
+        mode_map = ModeMap.from_fit(fit, local, params.tracked_groups, len(params.groups), self.max_slope,
+                                    kernel=self.kernel, reduce=reduce)
         if self.speed_limit:
             per_snapshot = d.profiles.diff(dim=1).abs().amax(dim=1).to(mode_map.device)
             speed = (per_snapshot * mode_map.mode_rms / setup.snapshot_every)[mode_map.mode_of_coefficient()]
@@ -72,9 +74,9 @@ class Modes:
         zeros = torch.zeros(mode_map.num_coefficients, device=mode_map.device)
         phase = ModePhase(setup, mode_map, zeros, zeros.clone(), speed)
         base_state = warmup.optimizer.state
-        buffers = [base_state.get(p, {}).get("momentum_buffer") for p in params.tracked]
+        buffers = [setup.local(base_state.get(p, {}).get("momentum_buffer")) for p in params.tracked]
         if any(b is not None for b in buffers):  # SGD's momentum, projected like a gradient
-            momentum = mode_map.project(buffers)
+            momentum = mode_map.from_sums(phase.reduce(mode_map.mode_sums(buffers)))
             for psi, piece in zip(phase.coefficients, momentum.split(_group_sizes(mode_map))):
                 phase.optimizer.state[psi]["momentum_buffer"] = piece.clone()
         for p in params.free:  # parameters kept free carry their whole state over
@@ -89,7 +91,10 @@ class Modes:
         if missing:
             raise ValueError(f"the mode-phase state_dict is missing {', '.join(missing)}")
         params = setup.params
-        mode_map = ModeMap.from_state_dict(extra["map"], params.tracked, kernel=self.kernel)
+        local = [setup.local(p) for p in params.tracked]
+        reduce = setup.sharding.all_reduce if setup.sharding is not None else None
+        mode_map = ModeMap.from_state_dict(_local_map_state(extra["map"], setup), local, reduce=reduce,
+                                           kernel=self.kernel)
         if mode_map.num_groups != len(params.groups) or list(mode_map.groups) != list(params.tracked_groups):
             raise ValueError("the mode-phase state_dict's parameter groups do not match this optimizer's")
         vectors = {key: extra[key] for key in ("coefficients", "applied", "speed_limit")}
@@ -107,6 +112,14 @@ class Modes:
                           origins=origins, limited_steps=int(extra["limited_steps"]))
         load_base_state(phase.optimizer, envelope)
         return phase
+
+
+def _local_map_state(state: dict, setup: Setup) -> dict:
+    """A saved map's per-parameter tensors as this rank's shards (they are saved as DTensors under FSDP2)."""
+    if not isinstance(state, dict):
+        raise ValueError("the mode-phase state_dict's 'map' must be a dict")
+    return {**state, **{key: [setup.local(t) for t in state[key]] for key in ("slopes", "modes")
+                        if isinstance(state.get(key), list)}}
 
 
 def _group_sizes(mode_map: ModeMap) -> list[int]:
@@ -128,6 +141,7 @@ class ModePhase:
     def __init__(self, setup: Setup, mode_map: ModeMap, coefficients: torch.Tensor, applied: torch.Tensor,
                  speed_limit: torch.Tensor, origins: dict | None = None, limited_steps: int = 0) -> None:
         self.setup, self.map = setup, mode_map
+        self.params = [setup.local(p) for p in setup.params.tracked]  # what the map moves: this rank's shards
         self.applied, self.speed_limit = applied.clone(), speed_limit.clone()
         self.limited_steps = limited_steps
         self.coefficients = [nn.Parameter(coefficients[s].clone()) for s in mode_map.group_slices()]
@@ -141,13 +155,13 @@ class ModePhase:
             self.speed_limit.fill_(float("inf"))
         saved = origins if origins is not None else {}
         self.origins: list[torch.Tensor | None] = []
-        for index, p in enumerate(setup.params.tracked):
+        for index, p in enumerate(self.params):
             if p.dtype not in _LOW_PRECISION:
                 self.origins.append(None)
             elif origins is None:  # at the switch
                 self.origins.append(p.detach().clone())
-            elif isinstance(saved.get(index), torch.Tensor) and saved[index].shape == p.shape:
-                self.origins.append(saved[index].to(p.device, p.dtype).clone())
+            elif isinstance(saved.get(index), torch.Tensor) and setup.local(saved[index]).shape == p.shape:
+                self.origins.append(setup.local(saved[index]).to(p.device, p.dtype).clone())
             else:
                 raise ValueError(f"the mode-phase state_dict has no switch value of the {p.dtype} parameter {index}")
 
@@ -173,7 +187,7 @@ class ModePhase:
 
         watched = [p for group in self.optimizer.param_groups for p in group["params"]]
         applied = self.applied.clone()
-        took = guarded_step(self.optimizer, loss, closure, watched, reevaluate, restore=self.setup.params.tracked)
+        took = guarded_step(self.optimizer, loss, closure, watched, reevaluate, restore=self.params)
         if not took:
             self.applied = applied
             return False
@@ -183,10 +197,10 @@ class ModePhase:
     def _load_mode_gradients(self) -> bool:
         """Project the parameter gradients into the coefficients' ``.grad``; False if one is not finite."""
         sums = self.setup.exchange.take()
-        tracked = self.setup.params.tracked
-        mode_grads = self.map.from_sums(sums) if sums is not None else self.map.project([p.grad for p in tracked])
-        free = [p.grad for p in self.setup.params.free]
-        if not all_finite([mode_grads, *free]):
+        if sums is None:
+            sums = self.reduce(self.map.mode_sums([self.setup.local(p.grad) for p in self.setup.params.tracked]))
+        mode_grads = self.map.from_sums(sums)
+        if not self.setup.all_finite([mode_grads, *(p.grad for p in self.setup.params.free)]):
             return False
         for psi, grad in zip(self.coefficients, mode_grads.split(_group_sizes(self.map))):
             psi.grad = grad
@@ -208,13 +222,18 @@ class ModePhase:
             for psi, row in zip(self.coefficients, (self.applied + limited).split(_group_sizes(self.map))):
                 psi.copy_(row)
         self.applied += limited
-        tracked = self.setup.params.tracked
-        moving = [p if p.grad is not None else None for p in tracked]
+        moving = [q if p.grad is not None else None for p, q in zip(self.setup.params.tracked, self.params)]
         self.map.lift_([p if o is None else None for p, o in zip(moving, self.origins)], limited)
         if any(o is not None for o in self.origins):
             self.map.place_([p if o is not None else None for p, o in zip(moving, self.origins)], self.origins,
                             self.applied)
         return bool(finite)
+
+    def reduce(self, sums: torch.Tensor) -> torch.Tensor:
+        """Mode sums of this rank's shards added over the ranks (FSDP2); as they are otherwise."""
+        if self.setup.sharding is not None:
+            self.setup.sharding.all_reduce([sums])
+        return sums
 
     def after_step(self, steps_taken: int) -> None:
         pass
@@ -229,11 +248,21 @@ class ModePhase:
         return mapped + tensor_bytes(self.optimizer.state) + tensor_bytes(self.origins)
 
     def extra_state(self) -> dict:
+        """Under FSDP2 the per-parameter tensors are this rank's shards of DTensors (what
+        torch.distributed.checkpoint saves shard by shard); everything else is the same on every rank."""
+        mode_map = self.map.state_dict()
+        sharding = self.setup.sharding
+        if sharding is not None:
+            for key in ("slopes", "modes"):
+                mode_map[key] = [sharding.global_view(t, i) for i, t in enumerate(mode_map[key])]
+        origins = {i: o.clone() for i, o in enumerate(self.origins) if o is not None}
+        if sharding is not None:
+            origins = {i: sharding.global_view(o, i) for i, o in origins.items()}
         return {
-            "map": self.map.state_dict(),
+            "map": mode_map,
             "coefficients": torch.cat([psi.detach().reshape(-1) for psi in self.coefficients]).clone(),
             "applied": self.applied.clone(),
             "speed_limit": self.speed_limit.clone(),
             "limited_steps": self.limited_steps,
-            "origins": {i: o.clone() for i, o in enumerate(self.origins) if o is not None},
+            "origins": origins,
         }

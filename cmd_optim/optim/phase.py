@@ -16,6 +16,7 @@ import torch
 from ..core import SnapshotBuffer
 from ._params import BaseFactory, ParamSet, all_finite
 from .exchange import ModeExchange
+from .sharding import Sharding
 
 __all__ = ["Phase", "Setup", "guarded_step"]
 
@@ -33,6 +34,17 @@ class Setup:
     snapshot_dir: str | None
     exchange: ModeExchange
     record_snapshots: bool = True  # False for a reduction that needs no decomposition of the warm-up
+    sharding: Sharding | None = None  # FSDP2: the tracked parameters are row shards
+
+    def local(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """This rank's part of a tracked parameter or gradient (the tensor itself without sharding)."""
+        return t if self.sharding is None else self.sharding.local(t)
+
+    def all_finite(self, tensors) -> bool:
+        """:func:`all_finite` of this rank's parts, agreed across the ranks when sharded (a NaN lands in one
+        rank's shard only, and every rank must skip the step)."""
+        finite = all_finite(self.local(t) for t in tensors)
+        return finite if self.sharding is None else self.sharding.agree(finite)
 
     @property
     def num_snapshots(self) -> int:
@@ -40,9 +52,9 @@ class Setup:
         return self.switch_after // self.snapshot_every + 1
 
     def snapshot_buffer(self) -> SnapshotBuffer:
-        """An empty buffer for the warm-up's snapshots, as the settings say."""
-        return SnapshotBuffer(self.params.tracked, self.num_snapshots, self.snapshot_device, self.snapshot_dtype,
-                              self.snapshot_dir)
+        """An empty buffer for the warm-up's snapshots (of this rank's shards), as the settings say."""
+        return SnapshotBuffer([self.local(p) for p in self.params.tracked], self.num_snapshots, self.snapshot_device,
+                              self.snapshot_dtype, self.snapshot_dir)
 
     def base_on_copies(self) -> torch.optim.Optimizer:
         """A new base optimizer on copies of the visible group dicts (see :meth:`adopt_groups`)."""

@@ -8,7 +8,7 @@ import torch
 
 from ..core import SnapshotBuffer
 from ..core.snapshots import open_saved
-from ._params import all_finite, tensor_bytes
+from ._params import tensor_bytes
 from .phase import Setup, guarded_step
 
 __all__ = ["WarmupPhase"]
@@ -34,19 +34,19 @@ class WarmupPhase:
         self.optimizer = optimizer
         if snapshots is None and setup.record_snapshots:
             snapshots = setup.snapshot_buffer()
-            snapshots.record()
+            snapshots.record([setup.local(p) for p in setup.params.tracked])
         self.snapshots = snapshots
 
     def step(self, loss, closure: Callable | None) -> bool:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        if not all_finite(p.grad for p in params):
+        if not self.setup.all_finite(p.grad for p in params):
             return False
         return guarded_step(self.optimizer, loss, closure, params)
 
     def after_step(self, steps_taken: int) -> None:
         if (self.snapshots is not None and steps_taken % self.setup.snapshot_every == 0
                 and steps_taken <= self.setup.switch_after):
-            self.snapshots.record()
+            self.snapshots.record([self.setup.local(p) for p in self.setup.params.tracked])
 
     def trainable_dims(self) -> int:
         return sum(p.numel() for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad)
@@ -55,7 +55,17 @@ class WarmupPhase:
         return tensor_bytes(self.optimizer.state) + (self.snapshots.nbytes if self.snapshots is not None else 0)
 
     def extra_state(self) -> dict:
-        return {"snapshots": self.snapshots.saved()} if self.snapshots is not None else {}
+        """The snapshots so far (under FSDP2: one DTensor per parameter, (snapshots, *shape), this rank's rows)."""
+        if self.snapshots is None:
+            return {}
+        saved = self.snapshots.saved()
+        sharding = self.setup.sharding
+        if sharding is not None and isinstance(saved, torch.Tensor):
+            shapes = [sharding.local(p).shape for p in self.setup.params.tracked]
+            pieces = saved.split([s.numel() for s in shapes], dim=1)
+            saved = [sharding.global_view(piece.reshape(len(saved), *shape), index, dim=1)
+                     for index, (piece, shape) in enumerate(zip(pieces, shapes))]
+        return {"snapshots": saved}
 
     @classmethod
     def load(cls, setup: Setup, envelope: dict, extra: dict, steps_taken: int) -> WarmupPhase:
@@ -67,7 +77,10 @@ class WarmupPhase:
         if "snapshots" not in extra:
             raise ValueError("the warm-up state_dict has no 'snapshots' (it was saved with a reduction that "
                              "needs none)")
-        snapshots = open_saved(extra["snapshots"])
+        snapshots = extra["snapshots"]
+        if isinstance(snapshots, list):  # saved under FSDP2: this rank's rows of every parameter's trajectory
+            snapshots = torch.cat([setup.local(t).reshape(t.shape[0], -1) for t in snapshots], dim=1)
+        snapshots = open_saved(snapshots)
         expected = min(steps_taken, setup.switch_after) // setup.snapshot_every + 1
         if len(snapshots.shape) != 2 or snapshots.shape[0] != expected:
             raise ValueError(f"the warm-up state_dict holds {snapshots.shape[0]} snapshots after {steps_taken} steps; "

@@ -119,7 +119,7 @@ def test_ranks_that_disagree_are_told_so(tmp_path):
 def test_sharded_setups_are_refused_at_construction():
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    with pytest.raises(TypeError, match="base=ZeroRedundancyOptimizer.*DistributedDataParallel"):
+    with pytest.raises(TypeError, match="base=ZeroRedundancyOptimizer .DeepSpeed's ZeRO neither.*fully_shard"):
         CMDOptimizer(nn.Linear(3, 2), base=ZeroRedundancyOptimizer, switch_after=20, snapshot_every=5)
 
 
@@ -150,16 +150,23 @@ def test_trainer_on_two_processes_trains_and_resumes(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(runs["whole"][0]["params"], runs["resumed"][0]["params"]))
 
 
-def test_fsdp_sharded_parameters_are_refused(tmp_path):
+def test_sharding_other_than_fsdp2_rows_is_refused(tmp_path):
+    """FSDP2's row shards are supported (tests/integrations/test_fsdp.py); a replicated or column-sharded
+    DTensor, and a mix of sharded and unsharded tracked parameters, are refused with the reason."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
     try:
         mesh = init_device_mesh("cpu", (1,))
-        sharded = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))  # what FSDP2 trains
-        with pytest.raises(TypeError, match="FSDP-sharded parameters.*DistributedDataParallel"):
-            CMDOptimizer([sharded], switch_after=20, snapshot_every=5)
+        rows = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))  # what FSDP2 trains
+        assert CMDOptimizer([rows], switch_after=20, snapshot_every=5).sharding is not None
+        for placement in (Replicate(), Shard(1)):
+            other = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [placement]))
+            with pytest.raises(TypeError, match="CMDOptimizer supports FSDP2's Shard\\(0\\)"):
+                CMDOptimizer([other], switch_after=20, snapshot_every=5)
+        with pytest.raises(TypeError, match="some tracked parameters are FSDP2 shards and some are not"):
+            CMDOptimizer([rows, nn.Parameter(torch.randn(3))], switch_after=20, snapshot_every=5)
     finally:
         dist.destroy_process_group()
 

@@ -1,0 +1,129 @@
+"""CMD on FSDP2-sharded parameters (``torch.distributed.fsdp.fully_shard``: DTensors split by rows).
+
+Each rank holds, of every parameter, the rows ``torch.chunk`` gives it (``Shard(0)`` on a one-dimensional
+mesh). The warm-up records only this rank's shard. At the switch the sampled columns are chosen by global
+index (the same seed gives the same samples on every rank), gathered (an all-reduce of K x T numbers),
+clustered identically everywhere; the references' profiles are among them. Each rank then assigns and
+fits its own columns. In the mode phase each rank adds its shard's mode sums and one all-reduce of the C
+numbers gives every rank the mode gradient; each rank moves its own shard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..core import SlopeFit, choose_references, fit_slopes_to_profiles, sample_columns
+from ..core._checks import check_int
+
+__all__ = ["Sharding", "is_sharded"]
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    return type(p).__name__ == "DTensor"
+
+
+class Sharding:
+    """Where this rank's rows of each tracked parameter sit in the global (flattened, concatenated) order."""
+
+    def __init__(self, params) -> None:
+        from torch.distributed.tensor import Shard
+
+        self.params = list(params)
+        meshes = {id(p.device_mesh) for p in self.params}
+        first = self.params[0]
+        if len(meshes) != 1 or first.device_mesh.ndim != 1:
+            raise TypeError("CMDOptimizer supports FSDP2 sharding on one one-dimensional device mesh (fully_shard "
+                            "without tensor parallelism)")
+        for p in self.params:
+            if tuple(p.placements) != (Shard(0),):
+                raise TypeError(f"a sharded parameter of shape {tuple(p.shape)} has placements {p.placements}; "
+                                "CMDOptimizer supports FSDP2's Shard(0)")
+        self.mesh = first.device_mesh
+        self.group = self.mesh.get_group()
+        self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.global_offsets, self.spans, self.local_offsets = [], [], []
+        offset = local = 0
+        for p in self.params:
+            rows = p.shape[0]
+            row = p.numel() // rows if rows else 0
+            chunk = -(-rows // self.world)
+            start, stop = min(self.rank * chunk, rows), min(self.rank * chunk + chunk, rows)
+            if p.to_local().shape[0] != stop - start:
+                raise TypeError(f"a sharded parameter of shape {tuple(p.shape)} holds {p.to_local().shape[0]} rows on "
+                                f"rank {self.rank}, not the {stop - start} torch.chunk gives: unsupported sharding")
+            self.global_offsets.append(offset)
+            self.spans.append((start * row, stop * row))  # within the parameter, flattened
+            self.local_offsets.append(local)
+            offset += p.numel()
+            local += (stop - start) * row
+        self.global_sizes = [p.numel() for p in self.params]
+        self.num_global = offset
+
+    # ------------------------------------------------------------------ tensors
+    @staticmethod
+    def local(t: torch.Tensor | None) -> torch.Tensor | None:
+        """A DTensor's local shard (a view: writing it writes the parameter); other tensors as they are."""
+        return t.to_local() if t is not None and is_sharded(t) else t
+
+    def all_reduce(self, tensors) -> None:
+        for t in tensors:
+            dist.all_reduce(t, group=self.group)
+
+    def agree(self, flag: bool) -> bool:
+        """True only if ``flag`` is True on every rank."""
+        value = torch.tensor([1.0 if flag else 0.0])
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(value.item() > 0)
+
+    def owned(self, global_index: torch.Tensor) -> torch.Tensor:
+        """This rank's local flat position of each global column index, -1 where another rank holds it."""
+        index = global_index.cpu()
+        bounds = torch.tensor(self.global_offsets[1:] + [self.num_global])
+        which = torch.searchsorted(bounds, index, right=True)
+        out = torch.full_like(index, -1)
+        for k in which.unique().tolist():
+            mask = which == k
+            within = index[mask] - self.global_offsets[k]
+            start, stop = self.spans[k]
+            mine = (within >= start) & (within < stop)
+            out[mask] = torch.where(mine, within - start + self.local_offsets[k], -1)
+        return out
+
+    # ------------------------------------------------------------------ the switch
+    def fit_slopes(self, trajectory, modes: int, samples: int, seed: int, measure: bool) -> SlopeFit:
+        """The decomposition of the global trajectory, each rank fitting its own columns (see the module)."""
+        modes, samples = check_int("modes", modes, low=1), check_int("samples", samples, low=1)
+        sampled = sample_columns(self.num_global, samples, self.global_sizes, torch.Generator().manual_seed(seed))
+        positions = self.owned(sampled)
+        mine = positions >= 0
+        num_snapshots = trajectory.shape[0]
+        gathered = torch.zeros(num_snapshots, len(sampled), dtype=torch.float64)
+        if bool(mine.any()):
+            gathered[:, mine] = trajectory[:, positions[mine]].double()
+        self.all_reduce([gathered])
+        compute = torch.float64 if trajectory.dtype == torch.float64 else torch.float32
+        gathered = gathered.to(compute)
+        chosen = choose_references(gathered, modes, resolution=torch.finfo(trajectory.dtype).eps)
+        references = sampled[chosen]
+        fit, sums = fit_slopes_to_profiles(trajectory, gathered[:, chosen].T.contiguous(),
+                                           own_references=self.owned(references), measure=measure)
+        if sums is not None:
+            self.all_reduce(sums.tensors())
+            fit.fit_quality = sums.quality()
+        fit.references = references
+        return fit
+
+    # ------------------------------------------------------------------ checkpoints
+    def global_view(self, local: torch.Tensor, index: int, dim: int = 0) -> torch.Tensor:
+        """``local`` (shaped like parameter ``index``'s shard along ``dim``) as a DTensor sharded like it, for
+        torch.distributed.checkpoint."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        shape = list(local.shape)
+        shape[dim] = self.params[index].shape[0]
+        stride = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+        return DTensor.from_local(local, self.mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape),
+                                  stride=tuple(stride))
