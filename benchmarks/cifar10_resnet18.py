@@ -70,7 +70,7 @@ def run(method: str, args, train, test, device) -> dict:
     else:
         optimizer = CMDOptimizer(model, base=torch.optim.SGD, modes=10, samples=1000, seed=args.seed,
                                  switch_after=args.warmup_epochs * steps_per_epoch, snapshot_every=steps_per_epoch,
-                                 lr=args.lr, momentum=0.9)
+                                 lr=args.lr, momentum=0.9, reduction="modes")
     start = time.perf_counter()
     for _ in range(args.epochs):
         for x, y in train:

@@ -53,7 +53,7 @@ def _worker(rank, world, folder, params, steps, method):
     ddp = nn.parallel.DistributedDataParallel(model)
     if method == "cmd":
         optimizer = CMDOptimizer(model, base=torch.optim.SGD, modes=10, switch_after=4, snapshot_every=2,
-                                 lr=1e-3, momentum=0.9)
+                                 lr=1e-3, momentum=0.9, reduction="modes")
         state = register_cmd_hook(ddp, optimizer)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
@@ -118,7 +118,7 @@ def _accuracy_worker(rank, world, folder, task_key, method, seed):
     sgd = dict(lr=0.05, momentum=0.9)
     if method == "CMD hook (modes)":
         optimizer = CMDOptimizer(model, base=torch.optim.SGD, modes=10, switch_after=task["switch"],
-                                 snapshot_every=task["snapshot_every"], seed=seed, **sgd)
+                                 snapshot_every=task["snapshot_every"], seed=seed, reduction="modes", **sgd)
         register_cmd_hook(ddp, optimizer)
     else:
         optimizer = torch.optim.SGD(model.parameters(), **sgd)

@@ -1,14 +1,16 @@
-"""Reduced-phase CMDOptimizer.step() against the base optimizers' own step, and state per parameter.
+"""CMDOptimizer.step() in the warm-up and after the switch against the base optimizers' own step.
 
     python -m benchmarks.step_cost [--repeats 40] [--device cpu|cuda] [--no-write]
 
 Four models: the digits MLP of the tests (84K parameters in 6 tensors), two-layer MLPs of 1M and 4M
 parameters, and the parameter shapes of all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters in 103
-tensors, the embedding table the largest). Gradients are filled once with random values and only
-``step()`` is timed; for each model all optimizers run in one process, in a shuffled order every round
-(so that none always finds the caches warm from the one before), and the medians are compared. On a
-GPU each step is timed between two synchronisations. Writes the "step" section of docs/benchmarks.md
-("step-cuda" for a GPU).
+tensors, the embedding table the largest; its word and position embeddings get gradients in the rows a
+batch of 32 sentences of 16 tokens uses, as in a fine-tune). Gradients are filled once with random values
+and only ``step()`` is timed; for each model all optimizers run in one process, in a shuffled order every
+round (so that none always finds the caches warm from the one before), and the medians are compared. A
+warm-up row times 10 steps (one of them a snapshot step for the mode reduction) and reports a tenth. On
+a GPU each step is timed between two synchronisations. Writes the "step" section of docs/benchmarks.md
+("step-cuda" for a GPU), naming the kernel backend that served the CMD rows.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 from cmd_optim import CMDOptimizer
+from cmd_optim.core import kernels
 from cmd_optim.optim import optimizer_state_bytes
 
 from .report import machine, write_section
@@ -50,10 +53,18 @@ def _parameters(shapes, device="cpu") -> list[nn.Parameter]:
     return [nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(device)) for shape in shapes]
 
 
+#: Rows of an embedding table a batch reaches (32 sentences of 16 tokens), for tables of at least 512 rows.
+USED_ROWS = 512
+
+
 def _fill_grads(params, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).to(p.device)
+        if p.ndim == 2 and p.shape[0] >= 16 * USED_ROWS:  # a vocabulary: most rows get no gradient
+            p.grad[USED_ROWS:] = 0
+        elif p.ndim == 2 and p.shape == (512, 384):  # a position table: 16 positions used
+            p.grad[16:] = 0
 
 
 def _reduced(params, base, **kwargs) -> CMDOptimizer:
@@ -65,28 +76,60 @@ def _reduced(params, base, **kwargs) -> CMDOptimizer:
     return optimizer
 
 
+class _Warmup:
+    """A CMDOptimizer in its warm-up for ``steps`` steps; ``step()`` takes 10 steps (one snapshot step with the
+    mode reduction)."""
+
+    def __init__(self, params, steps, base, **kwargs):
+        self.optimizer = CMDOptimizer(params, base=base, switch_after=steps, snapshot_every=10, **kwargs)
+        self.state = self.optimizer.state
+
+    def step(self):
+        for _ in range(10):
+            self.optimizer.step()
+
+
+SGD = dict(lr=1e-3, momentum=0.9)
+ADAMW = dict(lr=1e-3)
+
 CONTENDERS = {
-    "SGD momentum": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9),
-    "AdamW": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
-    "AdamW (foreach)": lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True),
-    "CMD(SGD momentum), reduced": lambda ps: _reduced(ps, torch.optim.SGD, lr=1e-3, momentum=0.9),
-    "CMD(AdamW), reduced": lambda ps: _reduced(ps, torch.optim.AdamW, lr=1e-3),
+    "SGD momentum": lambda ps, steps: torch.optim.SGD(ps, **SGD),
+    "AdamW": lambda ps, steps: torch.optim.AdamW(ps, **ADAMW),
+    "AdamW (foreach)": lambda ps, steps: torch.optim.AdamW(ps, foreach=True, **ADAMW),
+    "CMD(SGD momentum), warm-up": lambda ps, steps: _Warmup(ps, steps, torch.optim.SGD, **SGD),
+    "CMD(AdamW), warm-up": lambda ps, steps: _Warmup(ps, steps, torch.optim.AdamW, **ADAMW),
+    "CMD(SGD momentum), warm-up, modes": lambda ps, steps: _Warmup(ps, steps, torch.optim.SGD, reduction="modes", **SGD),
+    "CMD(AdamW), warm-up, modes": lambda ps, steps: _Warmup(ps, steps, torch.optim.AdamW, reduction="modes", **ADAMW),
+    "CMD(SGD momentum), reduced": lambda ps, steps: _reduced(ps, torch.optim.SGD, **SGD),
+    "CMD(AdamW), reduced": lambda ps, steps: _reduced(ps, torch.optim.AdamW, **ADAMW),
+    "CMD(SGD momentum), reduced, modes": lambda ps, steps: _reduced(ps, torch.optim.SGD, reduction="modes", **SGD),
+    "CMD(AdamW), reduced, modes": lambda ps, steps: _reduced(ps, torch.optim.AdamW, reduction="modes", **ADAMW),
 }
 
+#: The base optimizer each row is compared with (besides AdamW).
+BASE_OF = {name: ("SGD momentum" if "SGD" in name else "AdamW") for name in CONTENDERS}
 
-def measure(shapes, repeats: int, device="cpu") -> tuple[int, list[tuple[str, float, float, float]]]:
-    """(parameter count, rows of (optimizer, median step seconds, time / AdamW, state bytes per parameter))."""
+
+def _seconds_per_step(name: str, seconds: float) -> float:
+    return seconds / 10 if "warm-up" in name else seconds
+
+
+def measure(shapes, repeats: int, device="cpu") -> tuple[int, list[tuple[str, float, float, float, float]]]:
+    """(parameter count, rows of (optimizer, median step seconds, time / AdamW, time / its base optimizer's
+    step, state bytes per parameter))."""
     device = torch.device(device)
     runs = {}
     for name, build in CONTENDERS.items():
         params = _parameters(shapes, device)
-        optimizer = build(params)
+        optimizer = build(params, steps=10 * repeats + 20)  # a warm-up that lasts all rounds
         _fill_grads(params, 7)
         optimizer.step()  # the first step allocates the state
         runs[name] = optimizer
     num_params = sum(torch.Size(s).numel() for s in shapes)
     medians = shuffled_medians({name: optimizer.step for name, optimizer in runs.items()}, repeats, device)
-    return num_params, [(name, medians[name], medians[name] / medians["AdamW"], optimizer_state_bytes(optimizer) / num_params)
+    medians = {name: _seconds_per_step(name, seconds) for name, seconds in medians.items()}
+    return num_params, [(name, medians[name], medians[name] / medians["AdamW"], medians[name] / medians[BASE_OF[name]],
+                         optimizer_state_bytes(getattr(optimizer, "optimizer", optimizer)) / num_params)
                         for name, optimizer in runs.items()]
 
 
@@ -131,27 +174,33 @@ def main() -> None:
     args = parser.parse_args()
 
     tables = []
+    backend = kernels.backend(torch.device(args.device))
     for title, shapes in MODELS.items():
         num_params, rows = measure(shapes(), args.repeats, args.device)
-        lines = [f"| {name} | {s * 1e3:.3f} | {ratio:.2f} | {state:.2f} |" for name, s, ratio, state in rows]
-        tables.append(f"""### {title}: {num_params:,} parameters in {len(shapes())} tensors
+        lines = [f"| {name} | {s * 1e3:.3f} | {ratio:.2f} | {own:.2f} | {state:.2f} |"
+                 for name, s, ratio, own, state in rows]
+        tables.append(f"""### {title}: {num_params:,} parameters in {len(shapes())} tensors (kernels: {backend})
 
-| optimizer | step (ms) | time / AdamW step | state (bytes per parameter) |
-|---|---|---|---|
+| optimizer | step (ms) | time / AdamW step | time / its base's step | state (bytes per parameter) |
+|---|---|---|---|---|
 {chr(10).join(lines)}
 """)
         print(tables[-1], flush=True)
     device = torch.device(args.device)
     command = f"python -m benchmarks.step_cost --repeats {args.repeats}" + (
         f" --device {args.device}" if device.type != "cpu" else "")
-    body = f"""## CMDOptimizer.step() in the reduced phase{" (GPU)" if device.type == "cuda" else ""}
+    body = f"""## CMDOptimizer.step() in the warm-up and after the switch{" (GPU)" if device.type == "cuda" else ""}
 
-One `step()` (float32, gradients given, M = 10 modes) on {args.device}, median of {args.repeats} rounds,
-the optimizers in a shuffled order every round, in one process. "AdamW" is `torch.optim.AdamW` with
-its defaults (on the CPU, the per-tensor loop; on a GPU, the multi-tensor path); "AdamW (foreach)"
-the multi-tensor path. "State" is the optimizer state that `step()` uses, per parameter (CMD: the
-projection, 4-byte slope + 1-byte mode, plus the mode optimizer's state; the Decomposition kept for
-inspection is not counted).
+One `step()` (float32, gradients given) on {args.device}, median of {args.repeats} rounds, the optimizers
+in a shuffled order every round, in one process. "AdamW" is `torch.optim.AdamW` with its defaults (on the
+CPU, the per-tensor loop; on a GPU, the multi-tensor path); "AdamW (foreach)" the multi-tensor path.
+CMD rows without a suffix use the default reduction (low-rank: rank <= 32, a 1% budget, 5% under 100K
+parameters; sparse embedding tables frozen), ", modes" the paper's mode reduction (M = 10). Warm-up rows:
+the mean step over 10 (a snapshot every 10 steps with the mode reduction; none with the default).
+"State" is the optimizer state that `step()` uses, per parameter (warm-up: the base's state plus the
+snapshots so far; modes: the 4-byte slope + 1-byte mode map plus the mode optimizer's state; low-rank: the
+bfloat16 gradient sum of the trained matrices, U and V, the cores' and free parameters' state). The kernel
+backend serves the mode map's passes and the low-rank gradient sum (`cmd_optim.core.kernels.backend()`).
 
 Machine: {machine()}.
 Command: `{command}`

@@ -43,12 +43,22 @@ def test_quality_suite_records_every_method(tmp_path, monkeypatch):
                                       str(tmp_path / "q.json"), "--no-write"])
     quality.main()
     records = json.loads((tmp_path / "q.json").read_text())
-    assert [r["method"] for r in records] == list(quality.METHODS)
+    expected = [m for m in quality.METHODS if not m.startswith("LoRA")]
+    expected[1:1] = ["switch(SGD)"]
+    expected.insert(expected.index("AdamW") + 1, "switch(AdamW)")
+    assert [r["method"] for r in records] == expected
     for r in records:
         assert {"task", "method", "seed", "test_acc", "trainable_dims", "wall_s", "optimizer_bytes"} <= set(r)
     by_method = {r["method"]: r for r in records}
-    assert by_method["CMD(SGD)"]["trainable_dims"] <= 10
+    assert by_method["CMD(SGD), modes"]["trainable_dims"] <= 10
+    assert by_method["CMD(SGD)"]["trainable_dims"] <= 0.05 * by_method["SGD"]["trainable_dims"]
     assert by_method["SGD"]["test_acc"] > 0.5 and by_method["CMD(SGD)"]["test_acc"] > 0.5
+    switch = by_method["switch(SGD)"]
+    assert switch["trainable_dims"] == 0 and switch["test_loss"] > by_method["SGD"]["test_loss"]
+    share = quality.recovery(records, "digits", "CMD(SGD)", "test_loss")
+    expected = ((by_method["CMD(SGD)"]["test_loss"] - switch["test_loss"])
+                / (by_method["SGD"]["test_loss"] - switch["test_loss"]))
+    assert share == pytest.approx(expected)
 
 
 def test_cifar10_script_runs_on_fake_data():
@@ -66,8 +76,13 @@ def test_step_cost_measures_every_optimizer_against_adamw():
 
     num_params, rows = step_cost.measure(step_cost.digits_shapes(hidden=16), repeats=3)
     assert num_params == 16 * 64 + 16 + 16 * 16 + 16 + 10 * 16 + 10
-    by_name = {name: (seconds, ratio, state) for name, seconds, ratio, state in rows}
+    by_name = {name: (seconds, ratio, own, state) for name, seconds, ratio, own, state in rows}
     assert list(by_name) == list(step_cost.CONTENDERS)
-    assert by_name["AdamW"][1] == 1.0 and 8.0 <= by_name["AdamW"][2] < 8.1  # two moments, the step counts
-    for name in ("CMD(SGD momentum), reduced", "CMD(AdamW), reduced"):  # the projection, the mode state
-        assert by_name[name][0] > 0 and 5.0 <= by_name[name][2] < 5.2
+    assert by_name["AdamW"][1] == 1.0 and 8.0 <= by_name["AdamW"][3] < 8.1  # two moments, the step counts
+    assert by_name["CMD(AdamW), warm-up"][2] == by_name["CMD(AdamW), warm-up"][1]  # its base is AdamW
+    for name in ("CMD(SGD momentum), reduced, modes", "CMD(AdamW), reduced, modes"):  # the map, the mode state
+        assert by_name[name][0] > 0 and 5.0 <= by_name[name][3] < 5.2
+    sgd_warmup = by_name["CMD(SGD momentum), warm-up, modes"][3]  # momentum + the buffer of a 50-step warm-up
+    assert sgd_warmup == pytest.approx(4 + 4 * (50 // 10 + 1), rel=0.01)
+    for name in ("CMD(SGD momentum), reduced", "CMD(AdamW), reduced"):  # a low-rank core per matrix
+        assert by_name[name][0] > 0 and by_name[name][3] > 2  # (full rank at this size: U, V cost much)

@@ -50,14 +50,17 @@ def trainer_optimizer(model: torch.nn.Module, *, weight_decay: float = 0.0,
     return CMDOptimizer, {"model": [group for group in groups if group["params"]], "base": base, **kwargs}
 
 
+_DECOMPOSITION_KEYS = ("modes", "decomposed_params", "snapshots", "relative_error", "explained_variance")
+
+
 class CMDCallback(TrainerCallback):
     """Adds a CMDOptimizer's state to every training log of the Trainer.
 
     Keys: ``cmd/reduced`` (0 in the warm-up, 1 after), ``cmd/trainable_dims``, ``cmd/skipped_steps``,
     ``cmd/limited_steps``; and once, at the first log after the switch (a log is requested at the
-    switch step), the decomposition: ``cmd/switch_step``, ``cmd/modes``, ``cmd/decomposed_params``,
-    ``cmd/snapshots``, ``cmd/relative_error`` (mean over the warm-up snapshots) and
-    ``cmd/explained_variance``. They go into ``trainer.state.log_history`` too.
+    switch step), ``cmd/switch_step`` and, for the reductions that decompose the warm-up (modes, gradual),
+    ``cmd/modes``, ``cmd/decomposed_params``, ``cmd/snapshots``, ``cmd/relative_error`` (mean over the
+    warm-up snapshots) and ``cmd/explained_variance``. They go into ``trainer.state.log_history`` too.
 
     Reporters (TensorBoard, W&B, ...) are callbacks that run in order; to have them see these keys,
     add the callback in front of them with :meth:`install`. Installed that way it also registers the
@@ -108,10 +111,8 @@ class CMDCallback(TrainerCallback):
         }
         if cmd.switch_report is not None and not self._switch_logged:
             report = cmd.switch_report
-            metrics.update({"cmd/switch_step": report["step"], "cmd/modes": report["modes"],
-                            "cmd/decomposed_params": report["decomposed_params"], "cmd/snapshots": report["snapshots"],
-                            "cmd/relative_error": report["relative_error"],
-                            "cmd/explained_variance": report["explained_variance"]})
+            metrics["cmd/switch_step"] = report["step"]
+            metrics.update({f"cmd/{key}": report[key] for key in _DECOMPOSITION_KEYS if key in report})
             self._switch_logged = True
         logs.update(metrics)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

@@ -47,9 +47,11 @@ class CMDOptimizer(torch.optim.Optimizer):
         snapshot_dir: a folder: the snapshots go to a file there instead of memory (read back a chunk of
             columns at a time at the switch, deleted after it). A warm-up state_dict then names that file,
             so a resumed run needs it.
-        reduction: what happens after the switch: ``"modes"`` / :class:`Modes` (train the mode
-            coefficients only), ``"gradual"`` / :class:`Gradual` (the paper's embedded CMD) or
-            ``"lowrank"`` / :class:`LowRank` (each matrix in a refreshed low-rank subspace; no decomposition).
+        reduction: what happens after the switch: ``"lowrank"`` / :class:`LowRank` (each matrix trains in a
+            refreshed low-rank subspace; no decomposition), ``"modes"`` / :class:`Modes` (the paper's setting:
+            train the mode coefficients only) or ``"gradual"`` / :class:`Gradual` (the paper's embedded CMD).
+            Default (None): ``LowRank()``, or ``Modes()`` where the low-rank reduction cannot run (LBFGS, which
+            takes a single parameter group; FSDP2-sharded parameters). ``switch_report["reduction"]`` names it.
         keep_decomposition: keep the switch's :class:`Decomposition` in ``self.decomposition`` (24 bytes per
             parameter); the mode phase does not need it. The gradual reduction always keeps it.
         **base_kwargs: passed to ``base`` (``lr``, ``momentum``, ``betas``, ...).
@@ -73,7 +75,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         snapshot_device: torch.device | str = "cpu",
         snapshot_dtype: torch.dtype = torch.float32,
         snapshot_dir: str | None = None,
-        reduction: str | Modes | Gradual | LowRank = "modes",
+        reduction: str | Modes | Gradual | LowRank | None = None,
         keep_decomposition: bool = False,
         *,
         warmup_steps: int | None = None,
@@ -84,7 +86,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         **base_kwargs,
     ) -> None:
         switch_after = _renamed("warmup_steps", warmup_steps, "switch_after", switch_after, 300)
-        self.reduction = _reduction(reduction, max_coefficient, embed, embed_every, embed_fraction)
+        chosen = _reduction(reduction, max_coefficient, embed, embed_every, embed_fraction)
         self.modes = check_int("modes", modes, low=1, high=256)
         switch_after = check_int("switch_after", switch_after, low=1)
         snapshot_every = check_int("snapshot_every", snapshot_every, low=1)
@@ -94,22 +96,26 @@ class CMDOptimizer(torch.optim.Optimizer):
         self.seed = check_int("seed", seed, low=0, high=2**63 - 1)
         if not isinstance(keep_decomposition, bool):
             raise TypeError(f"keep_decomposition must be True or False, got {keep_decomposition!r}")
-        if self.reduction.needs_snapshots and switch_after // snapshot_every + 1 < 3:
-            raise ValueError(f"warm-up too short: switch_after={switch_after} with snapshot_every={snapshot_every} "
-                             f"gives {switch_after // snapshot_every + 1} snapshots, CMD needs at least 3")
         params = gather_params(model, keep_free)
         refuse_sharding(model, [p for g in params.groups for p in g["params"]], base)
         sharded = [is_sharded(p) for p in params.tracked]
         if any(sharded) and not all(sharded):
             raise TypeError("some tracked parameters are FSDP2 shards and some are not: shard the whole model "
                             "with fully_shard, or keep the unsharded ones free (keep_free)")
+        make_base = BaseFactory(base, base_kwargs)
+        if chosen is None:  # the default: low-rank where it can run
+            chosen = Modes() if make_base.optimizer_name == "LBFGS" or all(sharded) else LowRank()
+        self.reduction = chosen
+        if self.reduction.needs_snapshots and switch_after // snapshot_every + 1 < 3:
+            raise ValueError(f"warm-up too short: switch_after={switch_after} with snapshot_every={snapshot_every} "
+                             f"gives {switch_after // snapshot_every + 1} snapshots, CMD needs at least 3")
         device, dtype = check_device("snapshot_device", snapshot_device), check_dtype("snapshot_dtype", snapshot_dtype)
         if snapshot_dir is not None and device.type != "cpu":
             raise ValueError(f"snapshot_dir keeps the snapshots in a file; snapshot_device={snapshot_device!r} "
                              "cannot apply (leave it at 'cpu')")
-        self._setup = Setup(params, BaseFactory(base, base_kwargs), switch_after, snapshot_every, device, dtype,
+        self._setup = Setup(params, make_base, switch_after, snapshot_every, device, dtype,
                             None if snapshot_dir is None else str(snapshot_dir), ModeExchange(params.tracked),
-                            record_snapshots=self.reduction.needs_snapshots,
+                            record_snapshots=self.reduction.needs_snapshots, row_window=self.reduction.row_window,
                             sharding=Sharding(params.tracked) if all(sharded) else None)
         self.reduction.check(self._setup)
         if self._setup.sharding is not None and keep_decomposition:
@@ -223,14 +229,19 @@ class CMDOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._phase.step(loss, closure):
+        self._count(self._phase.step(loss, closure))
+        return loss
+
+    @torch.compiler.disable  # plain-Python bookkeeping, kept out of a compiled step's graph
+    def _count(self, taken: bool) -> None:
+        """Count a step (``taken``) or a skipped one; after a taken step the phase's bookkeeping and the switch."""
+        if not taken:
             self.skipped_steps += 1
-            return loss
+            return
         self.steps_taken += 1
         self._phase.after_step(self.steps_taken)
         if self._switch_due():
             self._switch()
-        return loss
 
     def _switch_due(self) -> bool:
         return not self._phase.reduced and self.steps_taken >= self._setup.switch_after
@@ -401,10 +412,11 @@ def _renamed(old: str, old_value, new: str, new_value, default):
 _REDUCTIONS = {"modes": Modes, "gradual": Gradual, "lowrank": LowRank}
 
 
-def _reduction(reduction, max_coefficient, embed, embed_every, embed_fraction) -> Modes | Gradual | LowRank:
-    """The reduction strategy, from its new form or the deprecated ``embed`` / ``max_coefficient`` arguments."""
+def _reduction(reduction, max_coefficient, embed, embed_every, embed_fraction) -> Modes | Gradual | LowRank | None:
+    """The reduction strategy, from its new form or the deprecated ``embed`` / ``max_coefficient`` arguments
+    (None: the default, chosen once the parameters and the base are known)."""
     if embed is not None or embed_every is not None or embed_fraction is not None or max_coefficient is not None:
-        if reduction != "modes":
+        if reduction not in (None, "modes"):
             raise TypeError("pass reduction= only (embed, embed_every, embed_fraction and max_coefficient are its "
                             "deprecated spellings)")
         warnings.warn("embed=, embed_every=, embed_fraction= and max_coefficient= are deprecated: use "
@@ -416,7 +428,7 @@ def _reduction(reduction, max_coefficient, embed, embed_every, embed_fraction) -
             return Gradual(every=2 if embed_every is None else embed_every,
                            fraction=0.1 if embed_fraction is None else embed_fraction)
         return Modes() if max_coefficient is None else Modes(max_slope=max_coefficient)
-    if isinstance(reduction, tuple(_REDUCTIONS.values())):
+    if reduction is None or isinstance(reduction, tuple(_REDUCTIONS.values())):
         return reduction
     if isinstance(reduction, str) and reduction in _REDUCTIONS:
         return _REDUCTIONS[reduction]()

@@ -31,6 +31,7 @@ class Gradual:
 
     name = "gradual"
     needs_snapshots = True
+    row_window = 0  # no embedding row marks needed
 
     def check(self, setup: Setup) -> None:
         if setup.sharding is not None:

@@ -6,18 +6,24 @@ Every matrix-shaped parameter W (m x n; a conv kernel is viewed as (out, in * ke
 computes anyway), and W follows every change of S. Parameters with fewer than two dimensions (biases,
 normalisation weights) and the ``keep_free`` ones train in full with the base optimizer.
 
-Three things keep it learning (measured in ../shared/research and docs/benchmarks.md):
+What keeps it learning (measured in docs/benchmarks.md and the research notes it cites):
 
 - **Refreshed directions.** A decayed sum of the gradients is kept (``acc``, bfloat16 by default); every
-  ``refresh_every`` steps U, V become its top-r singular vectors, the optimizer's state is re-expressed in
-  the new basis, S restarts at 0 (its effect is already in W), and ``acc`` is multiplied by ``memory``.
-- **A matched step.** The core's learning rate is the base rate times ``mu``, measured so that a core step
-  lowers the loss to first order as much as the full step would: ``mu = sum ||G||^2 / sum ||U^T G V||^2``
-  for SGD-like bases, with 1-norms for the sign-like steps of Adam-family bases; decayed across windows
-  like ``acc`` and clipped to ``[1, max_step_ratio]``.
-- **Ranks from a budget.** ``r_W = floor(sqrt(beta m n))`` (capped at min(m, n)), beta as large as keeps
-  ``sum r_W^2`` plus the free parameters within ``budget`` times the model's parameters (default 1%, 5%
-  under 100K parameters).
+  ``refresh_every`` steps U, V become its top-r singular vectors (a randomised range finder with one power
+  iteration, its random matrix seeded by the refresh count and the shape, so data-parallel replicas agree),
+  the optimizer's state is re-expressed in the new basis, S restarts at 0 (its effect is already in W), and
+  ``acc`` is multiplied by ``memory``.
+- **A matched step.** The core's learning rate is the base rate times ``mu``, measured from the ratio
+  ``sum ||G||^2 / sum ||U^T G V||^2``: its square root for SGD-like bases (a core step as long as the full
+  step), the ratio of 1-norms for the sign-like steps of Adam-family bases (the same first-order decrease);
+  decayed across windows like ``acc`` and clipped to ``[1, max_step_ratio]``.
+- **Ranks from a budget.** ``r_W = floor(sqrt(beta m n))``, capped at ``max_rank`` and min(m, n), beta as
+  large as keeps ``sum r_W^2`` plus the free parameters within ``budget`` times the model's parameters
+  (default 1%, 5% under 100K parameters).
+- **Sparse tables frozen.** A matrix whose gradients reached fewer than ``freeze_sparse_below`` of its rows
+  over the warm-up's last ``refresh_every`` steps (an embedding: a vocabulary, a position table) stays as it
+  is after the switch: its updates are sparse and rare, and a dense low-rank core for it would cost a full
+  pass over the table every step. Weight matrices of layers get gradients in every row and are not affected.
 
 It uses no CMD decomposition: the warm-up records no snapshots for it. The initial directions are the
 top singular vectors of the base optimizer's first moment at the switch (momentum, ``exp_avg``), or of the
@@ -46,11 +52,12 @@ FIRST_MOMENTS = ("momentum_buffer", "exp_avg", "grad_avg")
 SECOND_MOMENTS = ("exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum")
 
 
-def allocate_ranks(shapes: list[tuple[int, int]], budget: int) -> list[int]:
-    """Ranks ``r_i = floor(sqrt(beta m_i n_i))``, each in ``[1, min(m_i, n_i)]``, with the largest beta that
-    keeps ``sum r_i^2 <= budget`` (every matrix gets rank 1 even when the budget is smaller)."""
+def allocate_ranks(shapes: list[tuple[int, int]], budget: int, max_rank: int | None = None) -> list[int]:
+    """Ranks ``r_i = floor(sqrt(beta m_i n_i))``, each in ``[1, min(m_i, n_i, max_rank)]``, with the largest beta
+    that keeps ``sum r_i^2 <= budget`` (every matrix gets rank 1 even when the budget is smaller; with a cap,
+    the budget may be left partly unused)."""
     def ranks(beta: float) -> list[int]:
-        return [max(1, min(min(m, n), int(math.sqrt(beta * m * n)))) for m, n in shapes]
+        return [max(1, min(m, n, max_rank or m, int(math.sqrt(beta * m * n)))) for m, n in shapes]
 
     low, high = 0.0, 1.0
     for _ in range(60):
@@ -63,31 +70,43 @@ def allocate_ranks(shapes: list[tuple[int, int]], budget: int) -> list[int]:
 
 
 class LowRank:
-    """``CMDOptimizer(..., reduction=LowRank(budget=None, refresh_every=20, memory=0.8))``.
+    """``CMDOptimizer(..., reduction=LowRank())``: the default reduction.
 
     Args:
         budget: the share of the model's parameters trained after the switch (cores plus free parameters);
             default 0.01, or 0.05 for models under 100K parameters.
+        max_rank: the largest core rank r (None: no cap). Above it a core costs more per step than it gains.
         refresh_every: reduced steps between two refreshes of the directions (K).
         memory: how much of the gradient sum and of the step-size statistics a refresh keeps.
         max_step_ratio: the largest multiplier of the base learning rate a core may get.
+        freeze_sparse_below: a matrix whose gradients reached fewer than this share of its rows over the
+            warm-up's last ``refresh_every`` steps (an embedding table) is frozen after the switch (0: never).
         accumulator_dtype: the dtype of the gradient sum (bfloat16: 2 bytes per parameter).
     """
 
     name = "lowrank"
     needs_snapshots = False
 
-    def __init__(self, budget: float | None = None, refresh_every: int = 20, memory: float = 0.8,
-                 max_step_ratio: float = 10.0, accumulator_dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(self, budget: float | None = None, max_rank: int | None = 32, refresh_every: int = 20,
+                 memory: float = 0.8, max_step_ratio: float = 10.0, freeze_sparse_below: float = 0.5,
+                 accumulator_dtype: torch.dtype = torch.bfloat16) -> None:
         self.budget = None if budget is None else check_real("budget", budget, low=0, high=1, low_open=True)
+        self.max_rank = None if max_rank is None else check_int("max_rank", max_rank, low=1)
         self.refresh_every = check_int("refresh_every", refresh_every, low=1)
         self.memory = check_real("memory", memory, low=0, high=1)
         self.max_step_ratio = check_real("max_step_ratio", max_step_ratio, low=1)
+        self.freeze_sparse_below = check_real("freeze_sparse_below", freeze_sparse_below, low=0, high=1)
         self.accumulator_dtype = check_dtype("accumulator_dtype", accumulator_dtype)
 
+    @property
+    def row_window(self) -> int:
+        """Warm-up steps over which the rows that get gradients are marked (0 when nothing is frozen)."""
+        return self.refresh_every if self.freeze_sparse_below > 0 else 0
+
     def __repr__(self) -> str:
-        return (f"LowRank(budget={self.budget}, refresh_every={self.refresh_every}, memory={self.memory}, "
-                f"max_step_ratio={self.max_step_ratio})")
+        return (f"LowRank(budget={self.budget}, max_rank={self.max_rank}, refresh_every={self.refresh_every}, "
+                f"memory={self.memory}, max_step_ratio={self.max_step_ratio}, "
+                f"freeze_sparse_below={self.freeze_sparse_below})")
 
     def check(self, setup: Setup) -> None:
         """Refuse, at construction, what this reduction cannot do."""
@@ -102,21 +121,26 @@ class LowRank:
         return self.budget if self.budget is not None else (0.05 if total < 100_000 else 0.01)
 
     def build(self, setup: Setup, warmup: WarmupPhase, fit=None) -> LowRankPhase:
-        """The low-rank phase at the switch: ranks from the budget, directions from the base's first moment."""
-        matrices, free = _split(setup)
+        """The low-rank phase at the switch: sparse tables frozen, ranks from the budget, directions from the
+        base's first moment."""
+        candidates, free = _split(setup)
+        marks = dict(zip(setup.watched_matrices, warmup.touched_rows or []))
+        frozen = [index for index, p in enumerate(candidates)
+                  if p in marks and float(marks[p].float().mean()) < self.freeze_sparse_below]
+        matrices = [p for index, p in enumerate(candidates) if index not in frozen]
         total = sum(p.numel() for p in setup.params.tracked) + sum(p.numel() for p in setup.params.free)
         budget = int(self.share(total) * total) - sum(p.numel() for p in free if p.requires_grad)
         shapes = [_matrix_shape(p) for p in matrices]
-        ranks = allocate_ranks(shapes, budget)
+        ranks = allocate_ranks(shapes, budget, self.max_rank)
         base_state = warmup.optimizer.state
         directions = []
         for p, (m, n), r in zip(matrices, shapes, ranks):
             state = base_state.get(p, {})
             source = next((state[k] for k in FIRST_MOMENTS if isinstance(state.get(k), torch.Tensor)), p.grad)
-            directions.append(_top_directions(source.reshape(m, n) if source is not None else None, m, n, r,
-                                              p.device))
+            source = source.reshape(m, n) if source is not None else None
+            directions.append(_top_directions(source, r, seed=m * 1_000_003 + n) or _random_directions(m, n, r, p))
         sign_like = any(key in SECOND_MOMENTS for state in base_state.values() for key in state)
-        phase = LowRankPhase(setup, self, matrices, free, ranks, directions, sign_like)
+        phase = LowRankPhase(setup, self, matrices, free, ranks, directions, sign_like, frozen)
         for p, core, (u, v) in zip(matrices, phase.cores, directions):
             carried = _carry(base_state.get(p, {}), lambda x, q=p: x.reshape(_matrix_shape(q)), u, v)
             if carried:
@@ -129,11 +153,15 @@ class LowRank:
     def load(self, setup: Setup, envelope: dict, extra: dict) -> LowRankPhase:
         """A low-rank phase from saved state, built beside the live one (every entry checked first)."""
         required = ("ranks", "directions", "cores", "applied", "sums", "ratios", "statistics", "window_steps",
-                    "sign_like")
+                    "sign_like", "frozen", "refreshes")
         missing = [key for key in required if key not in extra]
         if missing:
             raise ValueError(f"the low-rank state_dict is missing {', '.join(missing)}")
-        matrices, free = _split(setup)
+        candidates, free = _split(setup)
+        frozen = [int(i) for i in extra["frozen"]]
+        if any(not 0 <= i < len(candidates) or candidates[i].ndim != 2 for i in frozen):
+            raise ValueError(f"the low-rank state_dict freezes matrices {frozen}, which this model does not have")
+        matrices = [p for index, p in enumerate(candidates) if index not in frozen]
         ranks = [int(r) for r in extra["ranks"]]
         if len(ranks) != len(matrices) or len(extra["directions"]) != len(matrices):
             raise ValueError(f"the low-rank state_dict covers {len(ranks)} matrices, this optimizer has "
@@ -151,7 +179,7 @@ class LowRank:
                     if not bool(torch.isfinite(tensor).all()):
                         raise ValueError(f"the low-rank state_dict's {key!r} of matrix {index} is not finite")
         directions = [(u.to(p.device), v.to(p.device)) for p, (u, v) in zip(matrices, extra["directions"])]
-        phase = LowRankPhase(setup, self, matrices, free, ranks, directions, bool(extra["sign_like"]))
+        phase = LowRankPhase(setup, self, matrices, free, ranks, directions, bool(extra["sign_like"]), frozen)
         with torch.no_grad():
             for index in range(len(matrices)):
                 phase.cores[index].copy_(extra["cores"][index])
@@ -160,6 +188,7 @@ class LowRank:
         phase.ratios = [float(x) for x in extra["ratios"]]
         phase.statistics = [[float(a), float(b)] for a, b in extra["statistics"]]
         phase.window_steps = int(extra["window_steps"])
+        phase.refreshes = int(extra["refreshes"])
         load_base_state(phase.optimizer, envelope)
         return phase
 
@@ -186,20 +215,34 @@ def _matrix_shape(p: torch.Tensor) -> tuple[int, int]:
     return p.shape[0], p.numel() // p.shape[0]
 
 
-def _top_directions(source: torch.Tensor | None, m: int, n: int, r: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Orthonormal U (m, r), V (n, r): the top-r singular vectors of ``source`` (random ones if it is missing,
-    zero or not finite)."""
-    if source is None or not bool(torch.isfinite(source).all()) or not bool(source.abs().amax() > 0):
-        generator = torch.Generator().manual_seed(m * 1_000_003 + n)
-        source = torch.randn(m, n, generator=generator).to(device)
+def _top_directions(source: torch.Tensor | None, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Orthonormal U (m, r), V (n, r): the top-r singular vectors of ``source`` (m, n), or None if it is missing,
+    zero or not finite. Exact for small matrices; otherwise a randomised range finder with one power
+    iteration, O(m n r), its Gaussian test matrix drawn from ``seed`` (the global RNG is not touched)."""
+    if source is None:
+        return None
     a = source.float()
-    if r * 4 < min(m, n):  # a randomised range finder with two power iterations: O(m n r), not O(m n min(m, n))
-        u, _, v = torch.svd_lowrank(a, q=min(min(m, n), r + 8), niter=2)
-        u, v = u[:, :r], v[:, :r]
-    else:
+    if not bool(torch.isfinite(a).all()) or not bool(a.abs().amax() > 0):
+        return None
+    m, n = a.shape
+    if r * 4 >= min(m, n):
         u, _, vh = torch.linalg.svd(a, full_matrices=False)
-        u, v = u[:, :r], vh[:r].T
-    return u.contiguous(), v.contiguous()
+        return u[:, :r].contiguous(), vh[:r].T.contiguous()
+    k = min(r + 8, m, n)
+    test = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)).to(a.device)
+    q = torch.linalg.qr(a @ test).Q
+    q = torch.linalg.qr(a.T @ q).Q
+    q = torch.linalg.qr(a @ q).Q
+    u, _, vh = torch.linalg.svd(q.T @ a, full_matrices=False)
+    return (q @ u[:, :r]).contiguous(), vh[:r].T.contiguous()
+
+
+def _random_directions(m: int, n: int, r: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Orthonormal U (m, r), V (n, r) drawn from a generator seeded by the shape, for a matrix with no signal."""
+    generator = torch.Generator().manual_seed(m * 1_000_003 + n)
+    u = torch.linalg.qr(torch.randn(m, r, generator=generator)).Q
+    v = torch.linalg.qr(torch.randn(n, r, generator=generator)).Q
+    return u.to(like.device).contiguous(), v.to(like.device).contiguous()
 
 
 def _carry(state: dict, as_matrix: Callable, u: torch.Tensor, v: torch.Tensor) -> dict:
@@ -223,14 +266,16 @@ class LowRankPhase:
 
     State per matrix: U, V ((m + n) r float32), the core and what W has followed of it (2 r^2), the decayed
     gradient sum (m n in ``accumulator_dtype``), two step-size statistics and the step-size ratio; plus the
-    base optimizer's state on the cores and the free parameters.
+    base optimizer's state on the cores and the free parameters. Frozen tables (``frozen``: their indices
+    among the tracked matrices) hold nothing and do not move.
     """
 
     name = "lowrank"
     reduced = True
 
-    def __init__(self, setup: Setup, strategy: LowRank, matrices, free, ranks, directions, sign_like: bool) -> None:
-        self.setup, self.strategy = setup, strategy
+    def __init__(self, setup: Setup, strategy: LowRank, matrices, free, ranks, directions, sign_like: bool,
+                 frozen: list[int]) -> None:
+        self.setup, self.strategy, self.frozen = setup, strategy, list(frozen)
         self.matrices, self.free, self.ranks = list(matrices), list(free), list(ranks)
         self.directions = [(u.float().contiguous(), v.float().contiguous()) for u, v in directions]
         self.cores = [nn.Parameter(torch.zeros(r, r, device=p.device)) for p, r in zip(self.matrices, self.ranks)]
@@ -240,6 +285,7 @@ class LowRankPhase:
         self.statistics = [[0.0, 0.0] for _ in self.matrices]  # decayed sums of ||G|| and ||U^T G V||
         self.ratios = [1.0 for _ in self.matrices]
         self.window_steps = 0
+        self.refreshes = 0
         group_of = {p: index for index, group in enumerate(setup.params.groups) for p in group["params"]}
         self._core_groups = [group_of[p] for p in self.matrices]
         groups = [{**hyperparameters(setup.params.groups[g]), "params": [core]}
@@ -326,13 +372,16 @@ class LowRankPhase:
     def _refresh(self) -> None:
         """New directions from the gradient sum, the state rotated into them, the cores restarted at 0."""
         keep = self.strategy.memory
-        for index, p in enumerate(self.matrices):
+        for index in range(len(self.matrices)):
             gradient, core = self.statistics[index]
             if core > 0:
-                self.ratios[index] = min(self.strategy.max_step_ratio, max(1.0, gradient / core))
+                ratio = gradient / core if self.sign_like else math.sqrt(gradient / core)
+                self.ratios[index] = min(self.strategy.max_step_ratio, max(1.0, ratio))
             self.statistics[index] = [gradient * keep, core * keep]
             old_u, old_v = self.directions[index]
-            new_u, new_v = _top_directions(self.sums[index], *self.sums[index].shape, self.ranks[index], p.device)
+            m, n = self.sums[index].shape
+            found = _top_directions(self.sums[index], self.ranks[index], self.refreshes * 1_000_003 + m * 1009 + n)
+            new_u, new_v = found or (old_u, old_v)  # no signal in the sum: keep the directions
             left, right = new_u.T @ old_u, old_v.T @ new_v  # new <- old
             state = self.optimizer.state.get(self.cores[index], {})
             for key, value in state.items():
@@ -345,6 +394,7 @@ class LowRankPhase:
             self.applied[index].zero_()
             self.sums[index].mul_(keep)
         self.window_steps = 0
+        self.refreshes += 1
 
     def after_step(self, steps_taken: int) -> None:
         pass
@@ -368,4 +418,6 @@ class LowRankPhase:
             "statistics": [list(s) for s in self.statistics],
             "window_steps": self.window_steps,
             "sign_like": self.sign_like,
+            "frozen": list(self.frozen),
+            "refreshes": self.refreshes,
         }

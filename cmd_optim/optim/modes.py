@@ -42,6 +42,7 @@ class Modes:
 
     name = "modes"
     needs_snapshots = True
+    row_window = 0  # no embedding row marks needed
 
     def check(self, setup: Setup) -> None:
         pass

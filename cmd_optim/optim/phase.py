@@ -35,6 +35,12 @@ class Setup:
     exchange: ModeExchange
     record_snapshots: bool = True  # False for a reduction that needs no decomposition of the warm-up
     sharding: Sharding | None = None  # FSDP2: the tracked parameters are row shards
+    row_window: int = 0  # the last this many warm-up steps record which rows of each matrix get gradients
+
+    @property
+    def watched_matrices(self) -> list[torch.Tensor]:
+        """The tracked matrices (two or more dimensions) whose used rows the warm-up records (``row_window``)."""
+        return [p for p in self.params.tracked if p.ndim >= 2] if self.row_window else []
 
     def local(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """This rank's part of a tracked parameter or gradient (the tensor itself without sharding)."""

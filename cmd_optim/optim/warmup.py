@@ -19,14 +19,16 @@ class WarmupPhase:
 
     A snapshot of the tracked parameters is taken at step 0 and every ``snapshot_every`` steps up to the
     switch, into a :class:`SnapshotBuffer` of ``setup.num_snapshots`` rows (in memory, or in a file in
-    ``snapshot_dir``; a state_dict then names the file instead of holding the snapshots).
+    ``snapshot_dir``; a state_dict then names the file instead of holding the snapshots). Over the last
+    ``setup.row_window`` steps it also marks the rows (first dimension) of each tracked matrix that received a
+    gradient (``touched_rows``, one bool per row), for a reduction that freezes sparsely used tables.
     """
 
     name = "warmup"
     reduced = False
 
     def __init__(self, setup: Setup, optimizer: torch.optim.Optimizer | None = None,
-                 snapshots: SnapshotBuffer | None = None) -> None:
+                 snapshots: SnapshotBuffer | None = None, touched_rows: list[torch.Tensor] | None = None) -> None:
         self.setup = setup
         if optimizer is None:
             optimizer = setup.base_on_copies()
@@ -36,6 +38,7 @@ class WarmupPhase:
             snapshots = setup.snapshot_buffer()
             snapshots.record([setup.local(p) for p in setup.params.tracked])
         self.snapshots = snapshots
+        self.touched_rows = touched_rows
 
     def step(self, loss, closure: Callable | None) -> bool:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -47,6 +50,17 @@ class WarmupPhase:
         if (self.snapshots is not None and steps_taken % self.setup.snapshot_every == 0
                 and steps_taken <= self.setup.switch_after):
             self.snapshots.record([self.setup.local(p) for p in self.setup.params.tracked])
+        if self.setup.switch_after - self.setup.row_window < steps_taken <= self.setup.switch_after:
+            self._mark_rows()
+
+    @torch.no_grad()
+    def _mark_rows(self) -> None:
+        watched = self.setup.watched_matrices
+        if self.touched_rows is None:
+            self.touched_rows = [torch.zeros(p.shape[0], dtype=torch.bool, device=p.device) for p in watched]
+        for p, rows in zip(watched, self.touched_rows):
+            if p.grad is not None:
+                rows |= torch.linalg.vector_norm(p.grad.reshape(p.shape[0], -1), 1, dim=1) > 0
 
     def trainable_dims(self) -> int:
         return sum(p.numel() for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad)
@@ -56,8 +70,9 @@ class WarmupPhase:
 
     def extra_state(self) -> dict:
         """The snapshots so far (under FSDP2: one DTensor per parameter, (snapshots, *shape), this rank's rows)."""
+        rows = {} if self.touched_rows is None else {"touched_rows": [r.clone() for r in self.touched_rows]}
         if self.snapshots is None:
-            return {}
+            return rows
         saved = self.snapshots.saved()
         sharding = self.setup.sharding
         if sharding is not None and isinstance(saved, torch.Tensor):
@@ -65,15 +80,16 @@ class WarmupPhase:
             pieces = saved.split([s.numel() for s in shapes], dim=1)
             saved = [sharding.global_view(piece.reshape(len(saved), *shape), index, dim=1)
                      for index, (piece, shape) in enumerate(zip(pieces, shapes))]
-        return {"snapshots": saved}
+        return {"snapshots": saved, **rows}
 
     @classmethod
     def load(cls, setup: Setup, envelope: dict, extra: dict, steps_taken: int) -> WarmupPhase:
         """A warm-up phase from saved state, built beside the live one: nothing live is touched."""
+        rows = _touched_rows(setup, extra.get("touched_rows"))
         if not setup.record_snapshots:  # this reduction decomposes nothing: saved snapshots are not needed
             optimizer = setup.base_on_copies()
             load_base_state(optimizer, envelope)
-            return cls(setup, optimizer, None)
+            return cls(setup, optimizer, None, rows)
         if "snapshots" not in extra:
             raise ValueError("the warm-up state_dict has no 'snapshots' (it was saved with a reduction that "
                              "needs none)")
@@ -93,11 +109,24 @@ class WarmupPhase:
             raise
         optimizer = setup.base_on_copies()
         load_base_state(optimizer, envelope)
-        return cls(setup, optimizer, buffer)
+        return cls(setup, optimizer, buffer, rows)
 
     def adopt(self) -> None:
         """Called once this phase replaces the live one: step on the visible group dicts."""
         self.setup.adopt_groups(self.optimizer)
+
+
+def _touched_rows(setup: Setup, saved) -> list[torch.Tensor] | None:
+    """The saved row marks, checked against this optimizer's matrices (None if none were saved)."""
+    if saved is None:
+        return None
+    watched = setup.watched_matrices
+    if not isinstance(saved, list) or len(saved) != len(watched) or not all(
+            isinstance(r, torch.Tensor) and r.dtype == torch.bool and r.shape == (p.shape[0],)
+            for r, p in zip(saved, watched)):
+        raise ValueError(f"the warm-up state_dict's 'touched_rows' do not fit this model's {len(watched)} "
+                         "matrices")
+    return [r.to(p.device).clone() for r, p in zip(saved, watched)]
 
 
 def load_base_state(optimizer: torch.optim.Optimizer, envelope: dict) -> None:

@@ -34,7 +34,7 @@ def main(output, checkpoint=None):
     torch.manual_seed(0)
     model = BertForSequenceClassification(tiny_bert_config())
     optimizer = CMDOptimizer(model, base=torch.optim.AdamW, modes=8, switch_after=20, snapshot_every=5,
-                             samples=500, lr=3e-3)
+                             samples=500, lr=3e-3, reduction="modes")
     args = TrainingArguments(output_dir=output, per_device_train_batch_size=16, max_steps=40, save_strategy="steps",
                              save_steps=25, report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
                              ddp_backend="gloo", dataloader_num_workers=0, logging_steps=10)

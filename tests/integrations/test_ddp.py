@@ -19,7 +19,7 @@ def model_and_optimizer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
     optimizer = CMDOptimizer(model, base=torch.optim.SGD, modes=4, switch_after=WARMUP, snapshot_every=5,
-                             samples=200, keep_free=["4.*"], lr=0.05, momentum=0.9)
+                             samples=200, keep_free=["4.*"], lr=0.05, momentum=0.9, reduction="modes")
     return model, optimizer
 
 

@@ -22,7 +22,7 @@ def model():
 
 def optimizer(net, **kwargs):
     return CMDOptimizer(net, base=torch.optim.SGD, modes=4, switch_after=SWITCH, snapshot_every=5, samples=200,
-                        lr=0.05, momentum=0.9, **kwargs)
+                        lr=0.05, momentum=0.9, **{"reduction": "modes", **kwargs})
 
 
 def shares(step, data, world=WORLD):

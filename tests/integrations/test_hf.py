@@ -42,7 +42,8 @@ def fresh_model(initial_state):
 
 
 def cmd(model, **kwargs):
-    settings = dict(base=torch.optim.AdamW, modes=8, switch_after=20, snapshot_every=5, samples=500, lr=3e-3)
+    settings = dict(base=torch.optim.AdamW, modes=8, switch_after=20, snapshot_every=5, samples=500, lr=3e-3,
+                    reduction="modes")
     return CMDOptimizer(model, **{**settings, **kwargs})
 
 
@@ -89,7 +90,7 @@ def test_optimizer_cls_and_kwargs_with_keep_free_head(tmp_path, data, fresh_mode
     trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=data[0],
                       optimizer_cls_and_kwargs=trainer_optimizer(model, keep_free=["classifier.*"], weight_decay=0.01,
                                                                  modes=8, switch_after=20, snapshot_every=5,
-                                                                 samples=500, lr=3e-3))
+                                                                 samples=500, lr=3e-3, reduction="modes"))
     trainer.train()
     optimizer = find_cmd_optimizer(trainer.optimizer)
     assert optimizer.base_name == "AdamW"  # the Trainer's own optimizer family by default

@@ -15,7 +15,7 @@ from cmd_optim import CMDOptimizer, Gradual, Modes, decompose
 from tests._helpers import full_batch_losses, mlp, roundtrip, same_weights
 from tests._helpers import train as train_on
 
-KW = dict(modes=4, switch_after=30, snapshot_every=5, lr=0.05, momentum=0.9)
+KW = dict(modes=4, switch_after=30, snapshot_every=5, lr=0.05, momentum=0.9, reduction="modes")
 
 
 def small(hidden=16, seed=0):
@@ -95,7 +95,7 @@ def foreign_states():
     adam = CMDOptimizer(small(), base=torch.optim.Adam, modes=4, switch_after=30, snapshot_every=5, lr=1e-3)
     states["Adam state"] = adam.state_dict()
     gradual_model = small()
-    gradual = CMDOptimizer(gradual_model, reduction="gradual", **KW)
+    gradual = CMDOptimizer(gradual_model, **{**KW, "reduction": "gradual"})
     train(gradual_model, gradual, 40)
     states["gradual reduced"] = gradual.state_dict()
     return states
@@ -150,7 +150,7 @@ def test_d2_a_parameter_without_momentum_does_not_drop_the_others():
 def test_d3_schedules_reach_the_stepping_optimizer_after_a_resume(reduction, saved_at):
     def build():
         m = small()
-        opt = CMDOptimizer(m, reduction=reduction, **KW)
+        opt = CMDOptimizer(m, **{**KW, "reduction": reduction})
         return m, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
 
     m, opt, sched = build()
@@ -183,7 +183,7 @@ def test_d4_decompose_near_the_float32_limit_gives_a_finite_fit_or_a_clear_error
                                           (None, TypeError), (math.inf, ValueError)])
 def test_d7_max_slope_is_checked_at_construction(value, error):
     with pytest.raises(error, match="max_slope"):
-        CMDOptimizer(small(), reduction=Modes(max_slope=value), **KW)
+        CMDOptimizer(small(), **{**KW, "reduction": Modes(max_slope=value)})
 
 
 @pytest.mark.parametrize("cause", ["lr=0", "no backward"])
@@ -374,7 +374,7 @@ def test_d23_an_all_constant_trajectory_gives_zero_slopes():
 def test_d24_gradual_leaves_parameters_without_a_gradient_alone():
     m = small()
     extra = nn.Linear(8, 4)  # used on some steps only
-    opt = CMDOptimizer([*m.parameters(), *extra.parameters()], reduction=Gradual(every=1, fraction=0.5), **KW)
+    opt = CMDOptimizer([*m.parameters(), *extra.parameters()], **{**KW, "reduction": Gradual(every=1, fraction=0.5)})
     for step in range(50):
         index = torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(step))
         use_extra = step < 35

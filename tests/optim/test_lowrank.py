@@ -17,6 +17,8 @@ def test_ranks_share_the_budget_by_size_and_stop_at_full_rank():
     assert ranks[1] > ranks[0] > ranks[3] >= 1  # the rest by size
     assert allocate_ranks(shapes, 0) == [1, 1, 1, 1]  # every matrix keeps a direction
     assert allocate_ranks([(5, 7)], 10**6) == [5]
+    capped = allocate_ranks([(512, 512), (64, 64)], 10**5, max_rank=32)
+    assert capped == [32, 32]  # the cap leaves the rest of the budget unused
 
 
 def _cmd(model, base=torch.optim.SGD, **kwargs):
@@ -76,6 +78,97 @@ def test_the_step_ratio_matches_the_first_order_decrease(digits):
     full, core = phase.statistics[0]
     assert full >= core > 0  # a projection never holds more of the gradient than the gradient
     assert optimizer.inner_optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * phase.ratios[0])
+
+
+def test_sgd_cores_step_as_far_as_the_full_step_adam_cores_decrease_the_loss_as_much(digits):
+    ratios = {}
+    for base in (torch.optim.SGD, torch.optim.AdamW):
+        model = mlp(hidden=32)
+        optimizer = _cmd(model, base=base, reduction=LowRank(refresh_every=4, max_step_ratio=1000.0))
+        train(model, optimizer, digits, 34)
+        full, core = optimizer._phase.statistics[0]
+        ratios[base] = (optimizer._phase.ratios[0], full / core)  # statistics decayed as one: their ratio holds
+    assert ratios[torch.optim.SGD][0] == pytest.approx(ratios[torch.optim.SGD][1] ** 0.5, rel=1e-6)
+    assert ratios[torch.optim.AdamW][0] == pytest.approx(ratios[torch.optim.AdamW][1], rel=1e-6)
+
+
+def test_refreshes_draw_from_their_own_generator_and_replicas_agree(digits):
+    """The range finder's random matrix is seeded by the refresh and the shape: two runs from the same
+    start get the same directions whatever the global RNG does, and the global RNG is not consumed."""
+    results = []
+    for noise in (0, 1):
+        model = mlp(hidden=64)
+        optimizer = _cmd(model, reduction=LowRank(refresh_every=3, budget=0.01))
+        train(model, optimizer, digits, 30)
+        torch.manual_seed(noise)  # the user's RNG differs between the runs
+        state = torch.random.get_rng_state()
+        train(model, optimizer, digits, 40, start=30)  # three refreshes
+        assert torch.equal(torch.random.get_rng_state(), state)
+        assert optimizer._phase.ranks[0] * 4 < 64  # the randomised path, not the exact SVD
+        results.append([u.clone() for u, _ in optimizer._phase.directions])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+class _Tagger(nn.Module):
+    """A token classifier: a large vocabulary that a batch uses a few rows of, and a small dense table."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.vocabulary = nn.Embedding(2000, 16)
+        self.kinds = nn.Embedding(4, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, tokens):
+        return self.head(self.vocabulary(tokens) + self.kinds(tokens % 4))
+
+
+def _tagger_steps(model, optimizer, steps, start=0):
+    for step in range(start, steps):
+        generator = torch.Generator().manual_seed(step)
+        tokens = torch.randint(0, 50, (32,), generator=generator) + 50 * (step % 3)  # 150 of 2000 rows in use
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(tokens), tokens % 3).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("given", ["module", "named groups"])
+def test_an_embedding_that_the_warm_up_used_sparsely_is_frozen_and_a_dense_one_trains(given):
+    model = _Tagger()
+    source = model if given == "module" else [{"params": list(model.named_parameters())}]  # as the Trainer passes
+    optimizer = CMDOptimizer(source, base=torch.optim.AdamW, lr=1e-2, switch_after=30, reduction="lowrank")
+    _tagger_steps(model, optimizer, 30)
+    vocabulary, kinds = model.vocabulary.weight.detach().clone(), model.kinds.weight.detach().clone()
+    _tagger_steps(model, optimizer, 40, start=30)
+    phase = optimizer._phase
+    assert [p is model.vocabulary.weight for p in phase.matrices] == [False, False]  # kinds and head train
+    assert phase.frozen == [0] and torch.equal(model.vocabulary.weight, vocabulary)
+    assert not torch.equal(model.kinds.weight, kinds)
+    assert optimizer.trainable_dims == sum(r * r for r in phase.ranks) + 3  # + the head's bias
+    never = CMDOptimizer(_Tagger(), base=torch.optim.AdamW, lr=1e-2, switch_after=30,
+                         reduction=LowRank(freeze_sparse_below=0))
+    assert never._setup.watched_matrices == []
+
+
+def test_a_resume_inside_the_marking_window_freezes_the_same_embeddings():
+    def run(resume_at=None):
+        model = _Tagger()
+        optimizer = CMDOptimizer(model, base=torch.optim.AdamW, lr=1e-2, switch_after=30, reduction="lowrank")
+        _tagger_steps(model, optimizer, resume_at or 40)
+        if resume_at is not None:
+            state = optimizer.state_dict()
+            assert "touched_rows" in state["cmd"]
+            resumed = CMDOptimizer(model, base=torch.optim.AdamW, lr=1e-2, switch_after=30, reduction="lowrank")
+            resumed.load_state_dict(state)
+            optimizer = resumed
+            _tagger_steps(model, optimizer, 40, start=resume_at)
+        return model, optimizer
+
+    reference, expected = run()
+    resumed_model, resumed = run(resume_at=25)
+    assert resumed._phase.frozen == expected._phase.frozen == [0]
+    for a, b in zip(reference.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
 
 
 def test_lbfgs_is_refused_with_the_alternative_named():

@@ -14,7 +14,7 @@ SGD = dict(lr=0.05, momentum=0.9)
 
 
 def cmd(model, **kwargs):
-    settings = dict(base=torch.optim.SGD, modes=10, switch_after=300, snapshot_every=10, **SGD)
+    settings = dict(base=torch.optim.SGD, modes=10, switch_after=300, snapshot_every=10, reduction="modes", **SGD)
     settings.update(kwargs)
     return CMDOptimizer(model, **settings)
 
@@ -93,7 +93,8 @@ def test_second_model_cnn_on_mnist1d_with_adam():
                              nn.Flatten(), nn.Linear(16 * 40, 10))
 
     model = cnn()
-    optimizer = CMDOptimizer(model, base=torch.optim.Adam, modes=10, switch_after=500, snapshot_every=25, lr=3e-3)
+    optimizer = CMDOptimizer(model, base=torch.optim.Adam, modes=10, switch_after=500, snapshot_every=25, lr=3e-3,
+                             reduction="modes")
     train(model, optimizer, split, 500, batch=128)
     at_switch = accuracy(model, split)
     train(model, optimizer, split, 1000, batch=128, start=500)
@@ -223,13 +224,17 @@ def test_keep_free_trains_the_head_in_full(digits):
     (torch.optim.Adagrad, dict(lr=1e-2)),
     (lambda groups: torch.optim.SGD(groups, lr=0.05, nesterov=True, momentum=0.9), {}),
 ])
-def test_any_base_optimizer_trains_in_both_phases(digits, base, kwargs):
+@pytest.mark.parametrize("reduction", ["modes", None])
+def test_any_base_optimizer_trains_in_both_phases(digits, base, kwargs, reduction):
     model = mlp(hidden=32)
-    optimizer = CMDOptimizer(model, base=base, modes=5, switch_after=300, snapshot_every=20, **kwargs)
+    optimizer = CMDOptimizer(model, base=base, modes=5, switch_after=300, snapshot_every=20, reduction=reduction,
+                             **kwargs)
     train(model, optimizer, digits, 300)
     at_switch = accuracy(model, digits)
     train(model, optimizer, digits, 500, start=300)
-    assert optimizer.phase == "reduced" and optimizer.trainable_dims <= 5 and optimizer.skipped_steps == 0
+    budget = 5 if reduction == "modes" else 0.05 * sum(p.numel() for p in model.parameters())  # the default's
+    assert optimizer.phase == "reduced" and optimizer.trainable_dims <= budget and optimizer.skipped_steps == 0
+    assert optimizer.switch_report["reduction"] == (reduction or "lowrank")
     assert accuracy(model, digits) >= at_switch - 0.02, (accuracy(model, digits), at_switch)
 
 
