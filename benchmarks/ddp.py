@@ -26,8 +26,8 @@ from cmd_optim import CMDOptimizer
 from cmd_optim.integrations.ddp import register_cmd_hook
 
 from . import datasets
-from .quality import IMAGES, _cnn, _mlp
-from .report import machine, write_section
+from .quality import _cnn, _mlp
+from .report import machine, save_figure, write_section
 from .step_cost import mlp_shapes
 
 
@@ -143,6 +143,8 @@ def _accuracy_worker(rank, world, folder, task_key, method, seed):
         with torch.no_grad():
             accuracy = float((model(data[2]).argmax(1) == data[3]).float().mean())
         torch.save({"accuracy": accuracy, "bytes": per_step}, os.path.join(folder, "result.pt"))
+    del ddp  # its reducer's pending work goes before the process group (else gloo can abort at exit)
+    dist.barrier()
     dist.destroy_process_group()
 
 
@@ -179,11 +181,7 @@ def _accuracy_plot(records, tasks) -> str | None:
         ax.set(xscale="log", title=ACCURACY_TASKS[task]["name"] + " (2 processes)", xlabel="bytes sent per step (mean)",
                ylabel="test accuracy")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMAGES / "ddp_accuracy_bytes.png", dpi=110)
-    plt.close(fig)
-    return "ddp_accuracy_bytes.png"
+    return save_figure(fig, "ddp_accuracy_bytes.png")
 
 
 def _accuracy_section(records, tasks, seeds) -> str:

@@ -67,7 +67,8 @@ def worker(config: str, params: int, snapshots: int) -> dict:
     lr = 0.01 * float(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).norm()
                       / torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm())
     model.zero_grad()
-    optimizer = CMDOptimizer(model, base=torch.optim.SGD, modes=10, switch_after=snapshots - 1, snapshot_every=1,
+    optimizer = CMDOptimizer(model, base=torch.optim.SGD, modes=10, reduction="modes", switch_after=snapshots - 1,
+                             snapshot_every=1,
                              snapshot_dir=folder, lr=lr, momentum=momentum, **settings)
 
     def step():

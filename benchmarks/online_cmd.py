@@ -27,8 +27,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from cmd_optim import OnlineCMD
 
 from . import datasets
-from .quality import IMAGES, _cnn, _Logits, _minilm_data, _mlp
-from .report import machine, write_section
+from .quality import _cnn, _Logits, _minilm_data, _mlp
+from .report import machine, save_figure, write_section
 
 METHODS = ("final model", "EMA", "SWA", "Online CMD")
 
@@ -131,11 +131,7 @@ def plot(results: dict) -> str | None:
         ax.set_ylim(min(after) - 0.01, max(after) + 0.005)  # the part after the decomposition, where they differ
         ax.set(title=SETTINGS[task].name, xlabel="optimizer step", ylabel=f"test accuracy (mean of {len(runs)} seeds)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    fig.savefig(IMAGES / "online_cmd_accuracy.png", dpi=110)
-    plt.close(fig)
-    return "online_cmd_accuracy.png"
+    return save_figure(fig, "online_cmd_accuracy.png")
 
 
 def table(results: dict) -> str:

@@ -362,14 +362,16 @@ def base_of(method: str, task: Task) -> str:
     return task.reference
 
 
-def measure(tasks: list[str], seeds: int):
-    """Records (one per task, method, seed), accuracy curves and Online CMD error curves."""
+def measure(tasks: list[str], seeds: int, only: list[str] | None = None):
+    """Records (one per task, method, seed), accuracy curves and Online CMD error curves (``only``: of
+    these methods)."""
     records, curves, errors = [], {}, {}
     for task_key in tasks:
         task = TASKS[task_key]
         task.data = task.load()
         for seed in range(seeds):
-            for method in task.methods or [m for m in METHODS if not m.startswith("LoRA")]:
+            methods = task.methods or [m for m in METHODS if not m.startswith("LoRA")]
+            for method in [m for m in methods if only is None or m in only]:
                 run_method = METHODS[method]
                 run = Run(task, seed)
                 start = time.perf_counter()
@@ -492,6 +494,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="digits and MNIST-1D, 3 seeds")
     parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["digits", "mnist1d", "minilm"])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="a subset of each task's methods")
     parser.add_argument("--json", type=Path, help="write one record per (task, method, seed)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
@@ -500,7 +503,7 @@ def main() -> None:
         print("note: fewer than 3 seeds, the spreads below mean little")
 
     start = time.perf_counter()
-    records, curves, errors = measure(tasks, args.seeds)
+    records, curves, errors = measure(tasks, args.seeds, args.methods)
     table = summary_table(records)
     print(table)
     print(f"total {time.perf_counter() - start:.0f} s")
@@ -511,7 +514,8 @@ def main() -> None:
     section = "quality" if sorted(tasks) == ["digits", "mnist1d"] else "quality-" + "-".join(tasks)
     images = plot(records, curves, errors, tasks, prefix=section.replace("-", "_"))
     command = "python -m benchmarks.quality" + (" --quick" if args.quick else f" --tasks {' '.join(tasks)}") \
-        + (f" --seeds {args.seeds}" if args.seeds != 3 else "")
+        + (f" --seeds {args.seeds}" if args.seeds != 3 else "") \
+        + (" --methods " + " ".join(f"'{m}'" for m in args.methods) if args.methods else "")
     settings = "; ".join(f"{TASKS[t].name}: {TASKS[t].steps} steps, warm-up {TASKS[t].warmup}, snapshot every "
                          f"{TASKS[t].snapshot_every}, batch {TASKS[t].batch}, base run {TASKS[t].reference}, SGD {TASKS[t].sgd}, "
                          f"AdamW {TASKS[t].adamw}"

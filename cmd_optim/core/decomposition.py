@@ -32,7 +32,24 @@ CHUNK_ELEMENTS = 1 << 19
 _STATE_TENSORS = ("assignment", "references", "profiles", "mean", "comoment", "profile_mean", "profile_m2")
 
 
-class Decomposition:
+class _Sizes:
+    """``num_modes``, ``num_params`` and ``num_snapshots`` of a fit with ``references``, ``assignment`` and
+    ``profiles`` (M, T)."""
+
+    @property
+    def num_modes(self) -> int:
+        return self.references.numel()
+
+    @property
+    def num_params(self) -> int:
+        return self.assignment.numel()
+
+    @property
+    def num_snapshots(self) -> int:
+        return self.profiles.shape[1]
+
+
+class Decomposition(_Sizes):
     """A fitted CMD model of N parameter trajectories with M modes over T snapshots.
 
     Attributes:
@@ -67,18 +84,6 @@ class Decomposition:
         self._profile_m2 = profile_m2
         self.fit_quality: FitQuality | None = None
         self._refit()
-
-    @property
-    def num_modes(self) -> int:
-        return self.references.numel()
-
-    @property
-    def num_params(self) -> int:
-        return self.assignment.numel()
-
-    @property
-    def num_snapshots(self) -> int:
-        return self.profiles.shape[1]
 
     @property
     def mode_sizes(self) -> torch.Tensor:
@@ -290,7 +295,7 @@ def decompose(
 
 
 @dataclass
-class SlopeFit:
+class SlopeFit(_Sizes):
     """What the mode map needs of a decomposition, and nothing else: 5 bytes per parameter.
 
     ``assignment`` (N,) uint8 (int16 above 256 modes), ``a`` (N,) float32 the least-squares slopes,
@@ -303,18 +308,6 @@ class SlopeFit:
     references: torch.Tensor
     profiles: torch.Tensor
     fit_quality: FitQuality | None = None
-
-    @property
-    def num_modes(self) -> int:
-        return self.references.numel()
-
-    @property
-    def num_params(self) -> int:
-        return self.assignment.numel()
-
-    @property
-    def num_snapshots(self) -> int:
-        return self.profiles.shape[1]
 
 
 def fit_slopes(

@@ -193,6 +193,7 @@ class LowRank:
         return phase
 
 
+@torch.compiler.disable  # a C call and two Python floats: nothing for a compiled graph
 def _accumulate(total: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
     """``total += grad`` (rounded to ``total``'s dtype), and ``sum |grad|``, ``sum grad^2``: one fused pass
     through the C extension for a bfloat16 sum on the CPU, three stock-PyTorch passes otherwise."""

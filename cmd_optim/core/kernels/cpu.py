@@ -30,16 +30,10 @@ def mode_sums(packed: PackedBlocks, grads, num_groups: int) -> torch.Tensor:
     bins_per_group = packed.num_modes * packed.lanes
     out = torch.zeros(num_groups, bins_per_group, dtype=torch.float64)
     threads = torch.get_num_threads()
-    for block in packed.blocks:
-        target = out[block.group].data_ptr()
-        offset = 0
-        for member, size in zip(block.members, block.sizes):
-            grad = grads[member]
-            if grad is not None and size:
-                grad = grad.reshape(-1).contiguous()
-                _native.mode_sums(block.slopes.data_ptr() + 4 * offset, grad.data_ptr(), DTYPE_CODES[grad.dtype],
-                                  block.bins.data_ptr() + offset, size, bins_per_group, target, threads)
-            offset += size
+    for block, offset, size, grad in _pieces(packed, grads):
+        grad = grad.reshape(-1).contiguous()
+        _native.mode_sums(block.slopes.data_ptr() + 4 * offset, grad.data_ptr(), DTYPE_CODES[grad.dtype],
+                          block.bins.data_ptr() + offset, size, bins_per_group, out[block.group].data_ptr(), threads)
     return out.view(num_groups, packed.num_modes, packed.lanes).sum(2).reshape(-1)
 
 
@@ -48,14 +42,18 @@ def lift_(packed: PackedBlocks, targets, delta: torch.Tensor) -> None:
     """As :func:`cmd_optim.core.kernels.packed.lift_`; targets are contiguous float32 (numel,) views or None."""
     table = delta.view(-1, packed.num_modes).to(torch.float32).repeat_interleave(packed.lanes, dim=1).contiguous()
     threads = torch.get_num_threads()
+    for block, offset, size, target in _pieces(packed, targets):
+        _native.lift(target.data_ptr(), block.slopes.data_ptr() + 4 * offset, block.bins.data_ptr() + offset,
+                     table[block.group].data_ptr(), size, threads)
+
+
+def _pieces(packed: PackedBlocks, tensors):
+    """``(block, offset in the block, size, tensor)`` of every packed member with a tensor and elements."""
     for block in packed.blocks:
-        row = table[block.group].data_ptr()
         offset = 0
         for member, size in zip(block.members, block.sizes):
-            target = targets[member]
-            if target is not None and size:
-                _native.lift(target.data_ptr(), block.slopes.data_ptr() + 4 * offset, block.bins.data_ptr() + offset,
-                             row, size, threads)
+            if tensors[member] is not None and size:
+                yield block, offset, size, tensors[member]
             offset += size
 
 
