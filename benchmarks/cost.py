@@ -3,7 +3,7 @@
     python -m benchmarks.cost [--sizes 1000000 10000000 100000000] [--repeats 10] [--device cpu|cuda] [--no-write]
 
 For each size (a two-layer MLP of that many parameters): the reduced-phase ``step()`` over the base
-optimizers' own (SGD with momentum, AdamW), gradients given; a whole training step (forward,
+optimizers' own (SGD with momentum, AdamW), gradients given, with the paper's mode reduction; a whole training step (forward,
 backward, step on a batch of 64) of CMD(AdamW) over AdamW; ``decompose()`` against the NumPy reference
 (20 snapshots, up to 10M parameters: the NumPy version needs ~270 bytes per parameter). Then the memory
 the optimizers hold, measured on the optimizer objects at 10M parameters. All ratios come from
@@ -41,7 +41,8 @@ def training_step_ratio(params: int, repeats: int, device="cpu") -> float:
         width = model[0].in_features
         x, y = torch.randn(64, width, device=device), torch.randn(64, width, device=device)
         if reduced:
-            optimizer = CMDOptimizer(model, base=torch.optim.AdamW, modes=10, switch_after=2, snapshot_every=1, lr=1e-4)
+            optimizer = CMDOptimizer(model, base=torch.optim.AdamW, modes=10, reduction="modes", switch_after=2,
+                                     snapshot_every=1, lr=1e-4)
         else:
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
@@ -76,12 +77,13 @@ def memory_rows(params: int) -> list[str]:
     rows.append(("AdamW", optimizer_state_bytes(adamw) / n))
     del adamw
     for dtype in (torch.float32, torch.float16):
-        cmd = CMDOptimizer(model, base=torch.optim.SGD, switch_after=300, snapshot_every=10, snapshot_dtype=dtype,
+        cmd = CMDOptimizer(model, base=torch.optim.SGD, reduction="modes", switch_after=300, snapshot_every=10,
+                           snapshot_dtype=dtype,
                            lr=1e-5, momentum=0.9)
         step(cmd)
         rows.append((f"CMD(SGD momentum) warm-up, 31 snapshots in {str(dtype).split('.')[1]}", cmd.state_bytes / n))
         del cmd
-    cmd = CMDOptimizer(model, base=torch.optim.AdamW, switch_after=2, snapshot_every=1, lr=1e-5)
+    cmd = CMDOptimizer(model, base=torch.optim.AdamW, reduction="modes", switch_after=2, snapshot_every=1, lr=1e-5)
     for _ in range(3):
         step(cmd)
     rows.append(("CMD(AdamW) reduced phase", cmd.state_bytes / n))
