@@ -477,6 +477,8 @@ def plot(records, curves, errors, tasks, prefix: str) -> list[str]:
     fig.tight_layout()
     fig.savefig(IMAGES / f"{prefix}_budget.png", dpi=110)
     plt.close(fig)
+    if not errors:  # no Online CMD runs
+        return [f"{prefix}_accuracy.png", f"{prefix}_budget.png"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for task, runs in errors.items():
         steps = [s for s, _ in runs[0]]
