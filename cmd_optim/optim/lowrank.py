@@ -316,10 +316,9 @@ class LowRankPhase:
             return value
 
         watched = [p for group in self.optimizer.param_groups for p in group["params"]]
-        applied = [a.clone() for a in self.applied]
-        if not guarded_step(self.optimizer, loss, closure, watched, reevaluate, restore=self.matrices):
-            self.applied = applied
-            return False
+        # Only LBFGS re-evaluates and is rolled back by guarded_step, and it is refused at construction:
+        # nothing needs saving here for a step that is undone.
+        guarded_step(self.optimizer, loss, closure, watched, reevaluate)
         self._follow()
         self.window_steps += 1
         if self.window_steps == self.strategy.refresh_every:
@@ -355,13 +354,16 @@ class LowRankPhase:
 
     @torch.no_grad()
     def _follow(self) -> None:
-        """Move each matrix by ``U (S - S_applied) V^T``; a change that is not finite is refused."""
-        for p, core, applied, (u, v) in zip(self.matrices, self.cores, self.applied, self.directions):
-            change = core.detach() - applied
-            if not bool(torch.isfinite(change).all()):
+        """Move each matrix by ``U (S - S_applied) V^T``; a change that is not finite is refused. One host sync
+        checks every change; each is checked on its own only when one is not finite."""
+        changes = [core.detach() - applied for core, applied in zip(self.cores, self.applied)]
+        every_finite = all_finite(changes)
+        for p, core, applied, change, (u, v) in zip(self.matrices, self.cores, self.applied, changes,
+                                                    self.directions):
+            if not every_finite and not bool(torch.isfinite(change).all()):
                 core.copy_(applied)
                 continue
-            if p.grad is not None and bool(change.any()):
+            if p.grad is not None:
                 move = (u @ change) @ v.T
                 if p.is_contiguous():
                     p.view(move.shape).add_(move.to(p.dtype))

@@ -63,10 +63,8 @@ class Modes:
         coefficients at zero, SGD momentum projected."""
         params = setup.params
         fit = d.slope_fit() if isinstance(d, Decomposition) else d
-        local = [setup.local(p) for p in params.tracked]  # this rank's shards under FSDP2
-        reduce = setup.sharding.all_reduce if setup.sharding is not None else None
-        mode_map = ModeMap.from_fit(fit, local, params.tracked_groups, len(params.groups), self.max_slope,
-                                    kernel=self.kernel, reduce=reduce)
+        mode_map = ModeMap.from_fit(fit, setup.local_tracked(), params.tracked_groups, len(params.groups),
+                                    self.max_slope, kernel=self.kernel, reduce=setup.shard_sum)
         if self.speed_limit:
             per_snapshot = d.profiles.diff(dim=1).abs().amax(dim=1).to(mode_map.device)
             speed = (per_snapshot * mode_map.mode_rms / setup.snapshot_every)[mode_map.mode_of_coefficient()]
@@ -92,10 +90,8 @@ class Modes:
         if missing:
             raise ValueError(f"the mode-phase state_dict is missing {', '.join(missing)}")
         params = setup.params
-        local = [setup.local(p) for p in params.tracked]
-        reduce = setup.sharding.all_reduce if setup.sharding is not None else None
-        mode_map = ModeMap.from_state_dict(_local_map_state(extra["map"], setup), local, reduce=reduce,
-                                           kernel=self.kernel)
+        mode_map = ModeMap.from_state_dict(_local_map_state(extra["map"], setup), setup.local_tracked(),
+                                           reduce=setup.shard_sum, kernel=self.kernel)
         if mode_map.num_groups != len(params.groups) or list(mode_map.groups) != list(params.tracked_groups):
             raise ValueError("the mode-phase state_dict's parameter groups do not match this optimizer's")
         vectors = {key: extra[key] for key in ("coefficients", "applied", "speed_limit")}
@@ -142,7 +138,7 @@ class ModePhase:
     def __init__(self, setup: Setup, mode_map: ModeMap, coefficients: torch.Tensor, applied: torch.Tensor,
                  speed_limit: torch.Tensor, origins: dict | None = None, limited_steps: int = 0) -> None:
         self.setup, self.map = setup, mode_map
-        self.params = [setup.local(p) for p in setup.params.tracked]  # what the map moves: this rank's shards
+        self.params = setup.local_tracked()  # what the map moves: this rank's shards under FSDP2
         self.applied, self.speed_limit = applied.clone(), speed_limit.clone()
         self.limited_steps = limited_steps
         self.coefficients = [nn.Parameter(coefficients[s].clone()) for s in mode_map.group_slices()]
@@ -232,8 +228,8 @@ class ModePhase:
 
     def reduce(self, sums: torch.Tensor) -> torch.Tensor:
         """Mode sums of this rank's shards added over the ranks (FSDP2); as they are otherwise."""
-        if self.setup.sharding is not None:
-            self.setup.sharding.all_reduce([sums])
+        if self.setup.shard_sum is not None:
+            self.setup.shard_sum([sums])
         return sums
 
     def after_step(self, steps_taken: int) -> None:

@@ -46,6 +46,15 @@ class Setup:
         """This rank's part of a tracked parameter or gradient (the tensor itself without sharding)."""
         return t if self.sharding is None else self.sharding.local(t)
 
+    def local_tracked(self) -> list[torch.Tensor]:
+        """This rank's parts of the tracked parameters, in decomposition order."""
+        return [self.local(p) for p in self.params.tracked]
+
+    @property
+    def shard_sum(self):
+        """Under FSDP2 ``sharding.all_reduce`` (adds a list of tensors over the ranks, in place); else None."""
+        return None if self.sharding is None else self.sharding.all_reduce
+
     def all_finite(self, tensors) -> bool:
         """:func:`all_finite` of this rank's parts, agreed across the ranks when sharded (a NaN lands in one
         rank's shard only, and every rank must skip the step)."""
@@ -59,8 +68,8 @@ class Setup:
 
     def snapshot_buffer(self) -> SnapshotBuffer:
         """An empty buffer for the warm-up's snapshots (of this rank's shards), as the settings say."""
-        return SnapshotBuffer([self.local(p) for p in self.params.tracked], self.num_snapshots, self.snapshot_device,
-                              self.snapshot_dtype, self.snapshot_dir)
+        return SnapshotBuffer(self.local_tracked(), self.num_snapshots, self.snapshot_device, self.snapshot_dtype,
+                              self.snapshot_dir)
 
     def base_on_copies(self) -> torch.optim.Optimizer:
         """A new base optimizer on copies of the visible group dicts (see :meth:`adopt_groups`)."""

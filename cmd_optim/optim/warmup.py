@@ -36,7 +36,7 @@ class WarmupPhase:
         self.optimizer = optimizer
         if snapshots is None and setup.record_snapshots:
             snapshots = setup.snapshot_buffer()
-            snapshots.record([setup.local(p) for p in setup.params.tracked])
+            snapshots.record(setup.local_tracked())
         self.snapshots = snapshots
         self.touched_rows = touched_rows
 
@@ -49,7 +49,7 @@ class WarmupPhase:
     def after_step(self, steps_taken: int) -> None:
         if (self.snapshots is not None and steps_taken % self.setup.snapshot_every == 0
                 and steps_taken <= self.setup.switch_after):
-            self.snapshots.record([self.setup.local(p) for p in self.setup.params.tracked])
+            self.snapshots.record(self.setup.local_tracked())
         if self.setup.switch_after - self.setup.row_window < steps_taken <= self.setup.switch_after:
             self._mark_rows()
 
@@ -76,7 +76,7 @@ class WarmupPhase:
         saved = self.snapshots.saved()
         sharding = self.setup.sharding
         if sharding is not None and isinstance(saved, torch.Tensor):
-            shapes = [sharding.local(p).shape for p in self.setup.params.tracked]
+            shapes = [t.shape for t in self.setup.local_tracked()]
             pieces = saved.split([s.numel() for s in shapes], dim=1)
             saved = [sharding.global_view(piece.reshape(len(saved), *shape), index, dim=1)
                      for index, (piece, shape) in enumerate(zip(pieces, shapes))]
@@ -86,34 +86,41 @@ class WarmupPhase:
     def load(cls, setup: Setup, envelope: dict, extra: dict, steps_taken: int) -> WarmupPhase:
         """A warm-up phase from saved state, built beside the live one: nothing live is touched."""
         rows = _touched_rows(setup, extra.get("touched_rows"))
-        if not setup.record_snapshots:  # this reduction decomposes nothing: saved snapshots are not needed
+        buffer = _saved_snapshots(setup, extra, steps_taken) if setup.record_snapshots else None
+        try:
             optimizer = setup.base_on_copies()
             load_base_state(optimizer, envelope)
-            return cls(setup, optimizer, None, rows)
-        if "snapshots" not in extra:
-            raise ValueError("the warm-up state_dict has no 'snapshots' (it was saved with a reduction that "
-                             "needs none)")
-        snapshots = extra["snapshots"]
-        if isinstance(snapshots, list):  # saved under FSDP2: this rank's rows of every parameter's trajectory
-            snapshots = torch.cat([setup.local(t).reshape(t.shape[0], -1) for t in snapshots], dim=1)
-        snapshots = open_saved(snapshots)
-        expected = min(steps_taken, setup.switch_after) // setup.snapshot_every + 1
-        if len(snapshots.shape) != 2 or snapshots.shape[0] != expected:
-            raise ValueError(f"the warm-up state_dict holds {snapshots.shape[0]} snapshots after {steps_taken} steps; "
-                             f"with snapshot_every={setup.snapshot_every} this optimizer expects {expected}")
-        buffer = setup.snapshot_buffer()
-        try:
-            buffer.load(snapshots)
         except Exception:
-            buffer.release()
+            if buffer is not None:
+                buffer.release()
             raise
-        optimizer = setup.base_on_copies()
-        load_base_state(optimizer, envelope)
         return cls(setup, optimizer, buffer, rows)
 
     def adopt(self) -> None:
         """Called once this phase replaces the live one: step on the visible group dicts."""
         self.setup.adopt_groups(self.optimizer)
+
+
+def _saved_snapshots(setup: Setup, extra: dict, steps_taken: int) -> SnapshotBuffer:
+    """A buffer holding the warm-up state_dict's snapshots, checked against the step count."""
+    if "snapshots" not in extra:
+        raise ValueError("the warm-up state_dict has no 'snapshots' (it was saved with a reduction that "
+                         "needs none)")
+    snapshots = extra["snapshots"]
+    if isinstance(snapshots, list):  # saved under FSDP2: this rank's rows of every parameter's trajectory
+        snapshots = torch.cat([setup.local(t).reshape(t.shape[0], -1) for t in snapshots], dim=1)
+    snapshots = open_saved(snapshots)
+    expected = min(steps_taken, setup.switch_after) // setup.snapshot_every + 1
+    if len(snapshots.shape) != 2 or snapshots.shape[0] != expected:
+        raise ValueError(f"the warm-up state_dict holds {snapshots.shape[0]} snapshots after {steps_taken} steps; "
+                         f"with snapshot_every={setup.snapshot_every} this optimizer expects {expected}")
+    buffer = setup.snapshot_buffer()
+    try:
+        buffer.load(snapshots)
+    except Exception:
+        buffer.release()
+        raise
+    return buffer
 
 
 def _touched_rows(setup: Setup, saved) -> list[torch.Tensor] | None:
