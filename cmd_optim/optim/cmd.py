@@ -168,8 +168,8 @@ class CMDOptimizer(torch.optim.Optimizer):
     @property
     def inner_optimizer(self) -> torch.optim.Optimizer:
         """The torch optimizer each step is delegated to: the base optimizer in the warm-up (and with
-        :class:`Gradual`), after the switch with :class:`Modes` the base optimizer class rebuilt on the mode
-        coefficients and the ``keep_free`` parameters."""
+        :class:`Gradual`); after the switch the base optimizer class rebuilt on the low-rank cores
+        (:class:`LowRank`) or the mode coefficients (:class:`Modes`), plus the parameters trained in full."""
         return self._phase.optimizer
 
     @property
