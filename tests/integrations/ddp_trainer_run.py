@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # the r
 from benchmarks import datasets  # noqa: E402
 from cmd_optim import CMDOptimizer  # noqa: E402
 from cmd_optim.integrations.hf import CMDCallback  # noqa: E402
-from tests._helpers import Words, tiny_bert_config  # noqa: E402
+from tests._helpers import Words, leave_process_group, tiny_bert_config  # noqa: E402
 
 
 class BytesPerStep(TrainerCallback):
@@ -48,7 +48,7 @@ def main(output, checkpoint=None):
                 "steps": optimizer.steps_taken, "sent": recorder.sent, "modes": optimizer.switch_report["modes"],
                 "num_params": sum(p.numel() for p in model.parameters())},
                os.path.join(output, f"final-rank{rank}.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

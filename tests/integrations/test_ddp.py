@@ -11,6 +11,7 @@ from benchmarks import datasets
 from cmd_optim import CMDOptimizer
 from cmd_optim.integrations.ddp import register_cmd_hook
 from cmd_optim.optim._dist_checks import check_rank_consistency
+from tests._helpers import leave_process_group
 
 STEPS, WARMUP, GLOBAL_BATCH = 50, 30, 64
 
@@ -50,7 +51,7 @@ def worker(rank, world, folder, hook):
     torch.save({"params": [p.detach() for p in model.parameters()], "sent": sent, "buckets": buckets,
                 "modes": optimizer.switch_report["modes"], "phase": optimizer.phase},
                os.path.join(folder, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def single_process(world=2):
@@ -106,7 +107,7 @@ def disagreeing_worker(rank, world, folder):
     except RuntimeError as error:
         outcome = str(error)
     torch.save(outcome, os.path.join(folder, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def test_ranks_that_disagree_are_told_so(tmp_path):

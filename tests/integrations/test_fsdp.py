@@ -11,6 +11,7 @@ from torch import nn
 
 from benchmarks import datasets
 from cmd_optim import CMDOptimizer
+from tests._helpers import leave_process_group
 
 STEPS, SWITCH, GLOBAL_BATCH, WORLD = 50, 30, 64, 2
 
@@ -74,7 +75,7 @@ def whole_run(rank, world, folder):
     if rank == 0:
         torch.save({"params": full, "report": opt.switch_report, "phase": opt.phase,
                     "state_bytes": opt.state_bytes}, os.path.join(folder, "whole.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def resumed_run(rank, world, folder, stop):
@@ -93,7 +94,7 @@ def resumed_run(rank, world, folder, stop):
     full = [p.full_tensor().detach() for p in net.parameters()]
     if rank == 0:
         torch.save({"params": full}, os.path.join(folder, f"resumed-{stop}.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def one_process():
@@ -145,7 +146,7 @@ def _refused(rank, world, folder, reduction):
     except (TypeError, ValueError) as error:
         outcome = str(error)
     torch.save(outcome, os.path.join(folder, "outcome.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 @pytest.mark.parametrize("reduction", ["gradual", "lowrank"])
