@@ -21,8 +21,7 @@ from cmd_optim import CMDOptimizer
 from cmd_optim.optim import optimizer_state_bytes
 
 from . import decompose as decompose_benchmark
-from .quality import IMAGES
-from .report import machine, write_section
+from .report import machine, save_figure, write_section
 from .step_cost import measure, mlp_shapes, shuffled_medians
 
 
@@ -156,7 +155,6 @@ def _plot(points, name: str) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    IMAGES.mkdir(parents=True, exist_ok=True)
     fig, ax = plt.subplots(figsize=(6, 4))
     sizes = [p[0] for p in points]
     for index, label in enumerate(("CMD(SGD) step / SGD step", "CMD(AdamW) step / AdamW step",
@@ -165,10 +163,7 @@ def _plot(points, name: str) -> list[str]:
     ax.axhline(1.0, color="grey", linewidth=0.8)
     ax.set(xscale="log", xlabel="parameters", ylabel="time ratio (lower is cheaper)", title="Reduced-phase cost")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(IMAGES / name, dpi=110)
-    plt.close(fig)
-    return [name]
+    return [save_figure(fig, name)]
 
 
 if __name__ == "__main__":

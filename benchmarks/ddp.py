@@ -26,6 +26,7 @@ from cmd_optim import CMDOptimizer
 from cmd_optim.integrations.ddp import register_cmd_hook
 
 from . import datasets
+from .processes import leave_process_group
 from .quality import _cnn, _mlp
 from .report import machine, save_figure, write_section
 from .step_cost import mlp_shapes
@@ -75,7 +76,7 @@ def _worker(rank, world, folder, params, steps, method):
     if rank == 0:
         torch.save({"seconds": statistics.median(times), "bytes": statistics.median(sent)},
                    os.path.join(folder, f"{method}.pt"))
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def measure(world: int, params: int, steps: int) -> dict:
@@ -143,9 +144,7 @@ def _accuracy_worker(rank, world, folder, task_key, method, seed):
         with torch.no_grad():
             accuracy = float((model(data[2]).argmax(1) == data[3]).float().mean())
         torch.save({"accuracy": accuracy, "bytes": per_step}, os.path.join(folder, "result.pt"))
-    del ddp  # its reducer's pending work goes before the process group (else gloo can abort at exit)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 def accuracy_comparison(tasks, seeds: int, world: int = 2) -> list[dict]:

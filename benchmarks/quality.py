@@ -38,9 +38,7 @@ from cmd_optim.optim import optimizer_state_bytes
 
 from . import datasets
 from .dldr import PBFGS, PSGD, Subspace
-from .report import DOC, machine, write_section
-
-IMAGES = DOC.parent / "img"
+from .report import machine, save_figure, write_section
 
 
 @dataclass
@@ -455,7 +453,6 @@ def plot(records, curves, errors, tasks, prefix: str) -> list[str]:
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    IMAGES.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for (task_key, method), runs in curves.items():
@@ -468,27 +465,20 @@ def plot(records, curves, errors, tasks, prefix: str) -> list[str]:
         ax.set(title=TASKS[task].name, xlabel="optimizer step", ylabel="test accuracy (mean over seeds)")
         ax.set_ylim(bottom=0.5)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(IMAGES / f"{prefix}_accuracy.png", dpi=110)
-    plt.close(fig)
+    names = [save_figure(fig, f"{prefix}_accuracy.png")]
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         plot_budget(ax, records, task)
-    fig.tight_layout()
-    fig.savefig(IMAGES / f"{prefix}_budget.png", dpi=110)
-    plt.close(fig)
+    names.append(save_figure(fig, f"{prefix}_budget.png"))
     if not errors:  # no Online CMD runs
-        return [f"{prefix}_accuracy.png", f"{prefix}_budget.png"]
+        return names
     fig, ax = plt.subplots(figsize=(6, 4))
     for task, runs in errors.items():
         steps = [s for s, _ in runs[0]]
         ax.plot(steps, [statistics.mean(run[i][1] for run in runs) for i in range(len(steps))], label=TASKS[task].name)
     ax.set(xlabel="optimizer step", ylabel="||w - (a r + b)|| / ||w||", title="Online CMD reconstruction error of the base run")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(IMAGES / f"{prefix}_reconstruction_error.png", dpi=110)
-    plt.close(fig)
-    return [f"{prefix}_accuracy.png", f"{prefix}_budget.png", f"{prefix}_reconstruction_error.png"]
+    return names + [save_figure(fig, f"{prefix}_reconstruction_error.png")]
 
 
 def main() -> None:

@@ -1,11 +1,8 @@
 """Models, data and loops the tests share (imported as ``tests._helpers``)."""
 
 import io
-import os
-import sys
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 LENGTH = 16
@@ -93,15 +90,3 @@ def tiny_bert_config():
                       intermediate_size=64, max_position_embeddings=LENGTH, num_labels=2,
                       hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
-
-def leave_process_group():
-    """End a worker process of torch.distributed once its results are written: wait for every rank, destroy
-    the process group, and exit without the interpreter's finalisation. gloo's C++ threads can abort a
-    process while Python tears down (SIGABRT, "terminate called without an active exception", after the
-    worker's last line; seen in CI, and pytorch/pytorch#179291), which would fail a run that succeeded.
-    Only for processes of their own (spawned or torchrun), never for the test process."""
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)

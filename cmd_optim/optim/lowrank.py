@@ -123,11 +123,10 @@ class LowRank:
     def build(self, setup: Setup, warmup: WarmupPhase, fit=None) -> LowRankPhase:
         """The low-rank phase at the switch: sparse tables frozen, ranks from the budget, directions from the
         base's first moment."""
-        candidates, free = _split(setup)
         marks = dict(zip(setup.watched_matrices, warmup.touched_rows or []))
-        frozen = [index for index, p in enumerate(candidates)
+        frozen = [index for index, p in enumerate(setup.tracked_matrices)
                   if p in marks and float(marks[p].float().mean()) < self.freeze_sparse_below]
-        matrices = [p for index, p in enumerate(candidates) if index not in frozen]
+        matrices, free = _split(setup, frozen)
         total = sum(p.numel() for p in setup.params.tracked) + sum(p.numel() for p in setup.params.free)
         budget = int(self.share(total) * total) - sum(p.numel() for p in free if p.requires_grad)
         shapes = [_matrix_shape(p) for p in matrices]
@@ -157,11 +156,11 @@ class LowRank:
         missing = [key for key in required if key not in extra]
         if missing:
             raise ValueError(f"the low-rank state_dict is missing {', '.join(missing)}")
-        candidates, free = _split(setup)
+        candidates = setup.tracked_matrices
         frozen = [int(i) for i in extra["frozen"]]
         if any(not 0 <= i < len(candidates) or candidates[i].ndim != 2 for i in frozen):
             raise ValueError(f"the low-rank state_dict freezes matrices {frozen}, which this model does not have")
-        matrices = [p for index, p in enumerate(candidates) if index not in frozen]
+        matrices, free = _split(setup, frozen)
         ranks = [int(r) for r in extra["ranks"]]
         if len(ranks) != len(matrices) or len(extra["directions"]) != len(matrices):
             raise ValueError(f"the low-rank state_dict covers {len(ranks)} matrices, this optimizer has "
@@ -204,10 +203,10 @@ def _accumulate(total: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
     return float(grad.abs().sum(dtype=torch.float32)), float(grad.float().square().sum())
 
 
-def _split(setup: Setup) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The tracked matrices (two or more dimensions), and what trains in full: 1-D tracked parameters and
-    the free ones."""
-    matrices = [p for p in setup.params.tracked if p.ndim >= 2]
+def _split(setup: Setup, frozen: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tracked matrices that get a core (all but the ``frozen`` indices among them), and what trains in
+    full: 1-D tracked parameters and the free ones."""
+    matrices = [p for index, p in enumerate(setup.tracked_matrices) if index not in frozen]
     vectors = [p for p in setup.params.tracked if p.ndim < 2]
     return matrices, vectors + list(setup.params.free)
 

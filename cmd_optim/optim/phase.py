@@ -38,9 +38,14 @@ class Setup:
     row_window: int = 0  # the last this many warm-up steps record which rows of each matrix get gradients
 
     @property
+    def tracked_matrices(self) -> list[torch.Tensor]:
+        """The tracked parameters with two or more dimensions, in tracking order."""
+        return [p for p in self.params.tracked if p.ndim >= 2]
+
+    @property
     def watched_matrices(self) -> list[torch.Tensor]:
-        """The tracked matrices (two or more dimensions) whose used rows the warm-up records (``row_window``)."""
-        return [p for p in self.params.tracked if p.ndim >= 2] if self.row_window else []
+        """The tracked matrices whose used rows the warm-up records (none when ``row_window`` is 0)."""
+        return self.tracked_matrices if self.row_window else []
 
     def local(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """This rank's part of a tracked parameter or gradient (the tensor itself without sharding)."""

@@ -181,3 +181,19 @@ def test_snapshots_in_a_file_give_the_same_model_and_resume(tmp_path):
         models[where] = cmd
     assert torch.equal(models["memory"].module.weight, models["file"].module.weight)
     assert not [p for p in tmp_path.iterdir() if "-rows" not in p.name]  # the working files are gone
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_fit_on_another_device_gives_the_same_held_model(sgd_run):
+    """``device=``: the decomposition and its running fit on the GPU, the model and snapshots on the CPU."""
+    _, cpu_cmd, trajectory = sgd_run
+    gpu_cmd = OnlineCMD(mlp(hidden=32), modes=6, warmup_snapshots=15, samples=500, device="cuda")
+    for row in trajectory:
+        gpu_cmd.observe(row)  # the same snapshots the CPU one took
+    assert gpu_cmd.decomposition.a.is_cuda
+    assert torch.equal(gpu_cmd.decomposition.assignment.cpu(), cpu_cmd.decomposition.assignment)
+    held = [p.detach() for p in gpu_cmd.module.parameters()]
+    assert all(not p.is_cuda for p in held)
+    torch.testing.assert_close(torch.cat([p.reshape(-1) for p in held]),
+                               torch.nn.utils.parameters_to_vector(cpu_cmd.module.parameters()).detach(),
+                               atol=1e-5, rtol=1e-5)

@@ -12,9 +12,10 @@ from transformers import BertForSequenceClassification, Trainer, TrainerCallback
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))  # the repository: benchmarks, tests
 
 from benchmarks import datasets  # noqa: E402
+from benchmarks.processes import leave_process_group  # noqa: E402
 from cmd_optim import CMDOptimizer  # noqa: E402
 from cmd_optim.integrations.hf import CMDCallback  # noqa: E402
-from tests._helpers import Words, leave_process_group, tiny_bert_config  # noqa: E402
+from tests._helpers import Words, tiny_bert_config  # noqa: E402
 
 
 class BytesPerStep(TrainerCallback):

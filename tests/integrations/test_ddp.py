@@ -8,10 +8,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from benchmarks import datasets
+from benchmarks.processes import leave_process_group
 from cmd_optim import CMDOptimizer
 from cmd_optim.integrations.ddp import register_cmd_hook
 from cmd_optim.optim._dist_checks import check_rank_consistency
-from tests._helpers import leave_process_group
 
 STEPS, WARMUP, GLOBAL_BATCH = 50, 30, 64
 

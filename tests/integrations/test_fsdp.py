@@ -10,8 +10,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from benchmarks import datasets
+from benchmarks.processes import leave_process_group
 from cmd_optim import CMDOptimizer
-from tests._helpers import leave_process_group
 
 STEPS, SWITCH, GLOBAL_BATCH, WORLD = 50, 30, 64, 2
 
