@@ -24,6 +24,9 @@ from . import decompose as decompose_benchmark
 from .report import machine, save_figure, write_section
 from .step_cost import measure, mlp_shapes, shuffled_medians
 
+#: The step-cost rows this suite reads: the paper's mode reduction on each base.
+MODE_ROWS = ("CMD(SGD momentum), reduced, modes", "CMD(AdamW), reduced, modes")
+
 
 def _mlp(params: int) -> nn.Module:
     width = mlp_shapes(params)[0][0]
@@ -100,25 +103,24 @@ def main() -> None:
 
     step_rows, plot_points = [], []
     for size in args.sizes:
-        num_params, rows = measure(mlp_shapes(size), args.repeats, args.device)
-        ratio = {name: r for name, _, r, _ in rows}
-        times = {name: s for name, s, _, _ in rows}
-        over_sgd = times["CMD(SGD momentum), reduced"] / times["SGD momentum"]
-        over_adamw = ratio["CMD(AdamW), reduced"]
+        num_params, rows = measure(mlp_shapes(size), args.repeats, args.device, names=MODE_ROWS)
+        by_name = {name: (seconds, over_adamw, over_base) for name, seconds, over_adamw, over_base, _ in rows}
+        over_sgd = by_name[MODE_ROWS[0]][2]
+        over_adamw = by_name[MODE_ROWS[1]][1]
         whole = training_step_ratio(size, args.repeats, args.device)
         numpy_ratio = ""
         if size <= 10_000_000:
             results = decompose_benchmark.compare(size, 20, 3)
             ours = results.get(f"torch-{torch.device(args.device).type}", results["torch-cpu"])
             numpy_ratio = f"{results['numpy']['seconds'] / ours['seconds']:.2f}x"
-        step_rows.append(f"| {num_params:,} | {times['AdamW'] * 1e3:.1f} | {over_sgd:.2f} | {over_adamw:.2f} | "
+        step_rows.append(f"| {num_params:,} | {by_name['AdamW'][0] * 1e3:.1f} | {over_sgd:.2f} | {over_adamw:.2f} | "
                          f"{whole:.2f} | {numpy_ratio or 'not run'} |")
         plot_points.append((num_params, over_sgd, over_adamw, whole))
         print(step_rows[-1], flush=True)
     memory = memory_rows(args.memory_size)
     device = torch.device(args.device).type
     suffix = "" if device == "cpu" else f"-{device}"
-    images = _plot(plot_points, f"cost_ratios{suffix.replace('-', '_')}.png")
+    images = [] if args.no_write else _plot(plot_points, f"cost_ratios{suffix.replace('-', '_')}.png")
     sizes = " ".join(str(s) for s in args.sizes)
     body = f"""## Cost: step time and memory from 1M to 100M parameters{" (GPU)" if suffix else ""}
 

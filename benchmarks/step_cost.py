@@ -114,12 +114,14 @@ def _seconds_per_step(name: str, seconds: float) -> float:
     return seconds / 10 if "warm-up" in name else seconds
 
 
-def measure(shapes, repeats: int, device="cpu") -> tuple[int, list[tuple[str, float, float, float, float]]]:
+def measure(shapes, repeats: int, device="cpu", names=None) -> tuple[int, list[tuple[str, float, float, float, float]]]:
     """(parameter count, rows of (optimizer, median step seconds, time / AdamW, time / its base optimizer's
-    step, state bytes per parameter))."""
+    step, state bytes per parameter)), of every contender or of ``names`` (the bases are always run)."""
     device = torch.device(device)
+    chosen = CONTENDERS if names is None else {name: CONTENDERS[name] for name in
+                                               dict.fromkeys(["SGD momentum", "AdamW", *names])}
     runs = {}
-    for name, build in CONTENDERS.items():
+    for name, build in chosen.items():
         params = _parameters(shapes, device)
         optimizer = build(params, steps=10 * repeats + 20)  # a warm-up that lasts all rounds
         _fill_grads(params, 7)

@@ -86,3 +86,13 @@ def test_step_cost_measures_every_optimizer_against_adamw():
     assert sgd_warmup == pytest.approx(4 + 4 * (50 // 10 + 1), rel=0.01)
     for name in ("CMD(SGD momentum), reduced", "CMD(AdamW), reduced"):  # a low-rank core per matrix
         assert by_name[name][0] > 0 and by_name[name][3] > 2  # (full rank at this size: U, V cost much)
+
+
+def test_the_cost_suite_times_the_mode_rows_beside_their_bases():
+    from benchmarks import cost, step_cost
+
+    _, rows = step_cost.measure(step_cost.digits_shapes(hidden=16), repeats=2, names=cost.MODE_ROWS)
+    by_name = {name: (seconds, ratio, own) for name, seconds, ratio, own, _ in rows}
+    assert list(by_name) == ["SGD momentum", "AdamW", *cost.MODE_ROWS]
+    sgd_modes = by_name[cost.MODE_ROWS[0]]
+    assert sgd_modes[2] == pytest.approx(sgd_modes[0] / by_name["SGD momentum"][0])
