@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 
 from ..core import Decomposition, SlopeFit
+from .sharding import one_mesh
 
 __all__ = ["check_rank_consistency", "refuse_sharding"]
 
@@ -51,10 +52,14 @@ def check_rank_consistency(d: Decomposition | SlopeFit, group=None) -> None:
 
 def refuse_sharding(model, params, base) -> None:
     """What CMD cannot decompose: FSDP1's flat parameters and ZeroRedundancyOptimizer (ranks hold different
-    flat shards, not row shards of each parameter). FSDP2 (``fully_shard``) is supported."""
+    flat shards, not row shards of each parameter), and DTensor parameters on more than one set of ranks or
+    on a mesh of more than one dimension (HSDP, tensor parallelism). FSDP2 (``fully_shard``) on one 1-D mesh
+    is supported, also as several DeviceMesh objects over the same ranks (``fully_shard`` per block, then
+    on the root, without a mesh)."""
     if type(model).__name__ == "FullyShardedDataParallel" or any(getattr(p, "_is_flat_param", False) for p in params):
         raise TypeError("CMDOptimizer does not support FSDP1's flat parameters: shard with FSDP2's fully_shard, or "
                         f"{_ADVICE}")
     if isinstance(base, type) and base.__name__ == "ZeroRedundancyOptimizer":
         raise TypeError(f"CMDOptimizer does not support base=ZeroRedundancyOptimizer (DeepSpeed's ZeRO neither): "
                         f"shard with FSDP2's fully_shard, or {_ADVICE}")
+    one_mesh(params)

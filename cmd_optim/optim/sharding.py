@@ -18,31 +18,84 @@ import torch.distributed as dist
 from ..core import SlopeFit, choose_references, fit_slopes_to_profiles, sample_columns
 from ..core._checks import check_int
 
-__all__ = ["Sharding", "is_sharded"]
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without torch.distributed
+    DTensor = None
+
+__all__ = ["Sharding", "is_sharded", "one_mesh", "one_mesh_advice"]
+
+
+def one_mesh_advice(device_type: str = "cuda") -> str:
+    """What to do instead, for a sharding CMDOptimizer cannot serve."""
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else "world_size"
+    return (f"shard over one 1-D mesh: fully_shard(module, mesh=init_device_mesh({device_type!r}, ({world},))) on "
+            "every block and the root (fully_shard without a mesh makes that mesh), or train with "
+            "DistributedDataParallel (cmd_optim.integrations.ddp.register_cmd_hook)")
 
 
 def is_sharded(p: torch.Tensor) -> bool:
-    return type(p).__name__ == "DTensor"
+    """Whether ``p`` is a DTensor (what FSDP2's fully_shard makes of a parameter)."""
+    return DTensor is not None and isinstance(p, DTensor)
+
+
+def _ranks(mesh) -> list[int]:
+    return mesh.mesh.flatten().tolist()
+
+
+def _members(mesh) -> list[int]:
+    return sorted(dist.get_process_group_ranks(mesh.get_group()))
+
+
+def one_mesh(params):
+    """The device mesh of the DTensors among ``params`` (None if there are none), checked to be one 1-D mesh.
+
+    Every ``fully_shard`` call without a mesh makes a DeviceMesh object of its own, so meshes are one when
+    they have the same device type, the same ranks in the same order and the same process group members;
+    the first is returned. A mesh of more than one dimension (HSDP, tensor parallelism) or parameters on
+    different ranks raise a TypeError naming what to do instead."""
+    first, key, seen = None, None, set()
+    for p in params:
+        if not is_sharded(p) or id(p.device_mesh) in seen:
+            continue
+        mesh = p.device_mesh
+        seen.add(id(mesh))
+        if mesh.ndim != 1:
+            raise TypeError(f"a parameter of shape {tuple(p.shape)} is sharded on a {mesh.ndim}-D device mesh of "
+                            f"shape {tuple(mesh.shape)} (placements {tuple(p.placements)}: HSDP or tensor "
+                            f"parallelism), which CMDOptimizer cannot serve: "
+                            f"{one_mesh_advice(mesh.device_type)}")
+        ranks = (mesh.device_type, _ranks(mesh), _members(mesh))
+        if first is None:
+            first, key = mesh, ranks
+        elif ranks != key:
+            raise TypeError(f"parameters are sharded on different device meshes ({key[0]} ranks {key[1]}, process "
+                            f"group {key[2]}; and {ranks[0]} ranks {ranks[1]}, process group {ranks[2]}), which "
+                            f"CMDOptimizer cannot serve: "
+                            f"{one_mesh_advice(mesh.device_type)}")
+    return first
 
 
 class Sharding:
-    """Where this rank's rows of each tracked parameter sit in the global (flattened, concatenated) order."""
+    """Where this rank's rows of each tracked parameter sit in the global (flattened, concatenated) order.
+
+    The parameters may sit on different DeviceMesh objects over the same ranks (``fully_shard`` on each
+    block and then on the root, without a mesh); :attr:`mesh` is the first of them, and every collective
+    here runs on its process group (:attr:`group`)."""
 
     def __init__(self, params) -> None:
         from torch.distributed.tensor import Shard
 
         self.params = list(params)
-        meshes = {id(p.device_mesh) for p in self.params}
-        first = self.params[0]
-        if len(meshes) != 1 or first.device_mesh.ndim != 1:
-            raise TypeError("CMDOptimizer supports FSDP2 sharding on one one-dimensional device mesh (fully_shard "
-                            "without tensor parallelism)")
+        if not all(is_sharded(p) for p in self.params):
+            raise TypeError("Sharding takes DTensor parameters only")
+        self.mesh = one_mesh(self.params)
         for p in self.params:
             if tuple(p.placements) != (Shard(0),):
                 raise TypeError(f"a sharded parameter of shape {tuple(p.shape)} has placements {p.placements}; "
                                 "CMDOptimizer supports FSDP2's Shard(0)")
-        self.mesh = first.device_mesh
         self.group = self.mesh.get_group()
+        # the process group's rank, as fully_shard's own sharding takes it
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.global_offsets, self.spans, self.local_offsets = [], [], []
         offset = local = 0
