@@ -96,3 +96,38 @@ def test_the_cost_suite_times_the_mode_rows_beside_their_bases():
     assert list(by_name) == ["SGD momentum", "AdamW", *cost.MODE_ROWS]
     sgd_modes = by_name[cost.MODE_ROWS[0]]
     assert sgd_modes[2] == pytest.approx(sgd_modes[0] / by_name["SGD momentum"][0])
+
+
+def test_harness_continues_every_method_from_one_switch(tmp_path):
+    from benchmarks import harness
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the harness's workers (two threads on a busy 2-core machine crawl)
+    try:
+        payload = harness.main(["--quick", "--no-write", "--tasks", "digits_mlp", "mnist1d_gru", "--seeds", "1",
+                                "--jobs", "1", "--methods", "full", "default", "modes", "galore", "apollo", "lora",
+                                "--json", str(tmp_path / "h.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "h.json").read_text())["records"] == payload["records"]
+    by_task = {task: {r["method"]: r for r in payload["records"] if r["task"] == task}
+               for task in ("digits_mlp", "mnist1d_gru")}
+    for rows in by_task.values():
+        assert set(rows) == {"switch", "full", "default", "modes", "galore", "apollo", "lora"}
+        assert not any("error" in r for r in rows.values())
+        full, default = rows["full"], rows["default"]
+        assert full["recovery_loss"] == 1 and full["recovery_acc"] == 1  # by construction
+        assert rows["switch"]["val_loss"] > full["val_loss"]
+        for name in ("default", "modes"):  # the CMD warm-up is the base run
+            assert rows[name]["warmup_max_diff"] <= 1e-6
+        assert rows["modes"]["reduction"] == "modes" and rows["modes"]["trainable"] <= 10
+        assert default["trainable"] < full["trainable"]
+        # GaLore's rank matched on state bytes: within a quarter of the default's
+        assert abs(rows["galore"]["state_bytes"] - default["state_bytes"]) <= 0.25 * default["state_bytes"]
+        assert rows["galore"]["state_bytes"] == rows["galore"]["galore_probe_bytes"]
+        lora = rows["lora"]  # LoRA's rank matched on adapter count: within half a rank's adapters
+        per_rank = lora["adapters"] / lora["rank"]
+        assert lora["rank"] == 1 or abs(lora["adapters"] - default["trainable"]) <= per_rank / 2
+        assert lora["trainable"] > lora["adapters"]  # the classifier head trains in full
+    assert "skipped" in by_task["digits_mlp"]["apollo"]  # an AdamW optimizer, on an SGD task
+    assert by_task["mnist1d_gru"]["apollo"]["rank"] == by_task["mnist1d_gru"]["galore"]["rank"]
