@@ -293,7 +293,7 @@ def plot(records: list[dict], names: list[str]) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    styles = {"full": ("k", "s"), "default": ("tab:red", "*"), "modes": ("tab:red", "x"), "galore": ("tab:blue", "o"),
+    styles = {"full": ("k", "s"), "default": ("tab:red", "*"), "modes": ("tab:red", "P"), "galore": ("tab:blue", "o"),
               "apollo": ("tab:green", "^"), "lora": ("tab:purple", "v")}
     columns = min(4, len(names))
     fig, axes = plt.subplots(math.ceil(len(names) / columns), columns, figsize=(4.2 * columns,
@@ -352,7 +352,7 @@ adapter count, and r = 8; lr x1 and x10, the base optimizer. Recovery = (switch 
 validation loss, sign-flipped on accuracy (token accuracy for LMs), per seed in brackets. Optimizer state:
 CMD's `state_bytes`, otherwise the tensors in the optimizer's state. "continued": wall seconds of steps W..T.
 
-Machine: {meta['machine']}; commit {meta['commit']}. Command: `{meta['command']}` ({meta['total_s']:.0f} s).
+Machine: {meta['machine']} (the runs: one thread per worker process); commit {meta['commit']}. Command: `{meta['command']}` ({meta['total_s']:.0f} s).
 
 {chr(10).join(task_table(n, records, meta["quick"]) for n in names)}
 {f"![frontier](img/{image})" if image else ""}
