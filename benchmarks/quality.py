@@ -197,9 +197,10 @@ def cmd(run: Run, kind: str, reduction: str | None = None) -> dict:
     """CMDOptimizer on base ``kind``; its default reduction unless ``reduction`` is named."""
     task = run.task
     cls, kwargs = task.optimizer(kind)
-    chosen = {} if reduction is None else dict(reduction=reduction)
-    optimizer = CMDOptimizer(run.model, base=cls, modes=10, switch_after=task.warmup, keep_free=task.keep_free,
-                             snapshot_every=task.snapshot_every, samples=1000, seed=run.seed, **chosen, **kwargs)
+    chosen = dict(seed=run.seed) if reduction is None else dict(reduction=reduction, modes=10, samples=1000,
+                                                                   snapshot_every=task.snapshot_every, seed=run.seed)
+    optimizer = CMDOptimizer(run.model, base=cls, switch_after=task.warmup, keep_free=task.keep_free, **chosen,
+                             **kwargs)
     run.train(_optimizer_step(run, optimizer))
     floats = optimizer.trainable_dims if optimizer.reduction.name != "lowrank" else sum(
         p.numel() for p in run.params)  # the low-rank reduction all-reduces the whole gradient (DDP)

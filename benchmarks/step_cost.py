@@ -68,7 +68,7 @@ def _fill_grads(params, seed: int) -> None:
 
 
 def _reduced(params, base, **kwargs) -> CMDOptimizer:
-    optimizer = CMDOptimizer(params, base=base, modes=10, switch_after=2, snapshot_every=1, **kwargs)
+    optimizer = CMDOptimizer(params, base=base, modes=10, reduction="modes", switch_after=2, snapshot_every=1, **kwargs)
     for seed in range(2):
         _fill_grads(params, seed)
         optimizer.step()
@@ -81,7 +81,7 @@ class _Warmup:
     mode reduction)."""
 
     def __init__(self, params, steps, base, **kwargs):
-        self.optimizer = CMDOptimizer(params, base=base, switch_after=steps, snapshot_every=10, **kwargs)
+        self.optimizer = CMDOptimizer(params, base=base, switch_after=steps, **kwargs)
         self.state = self.optimizer.state
 
     def step(self):

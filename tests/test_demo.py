@@ -12,7 +12,7 @@ def test_demo_prints_the_comparison_with_the_model_at_the_switch(capsys):
     printed = {m.group(1): m.groups()[1:] for m in re.finditer(row, out, re.M)}
     assert set(printed) == {"SGD at the switch", "SGD", "CMD(SGD)", "CMD(SGD), modes"}
     assert printed["SGD"][1] == "85,002" and int(printed["CMD(SGD), modes"][1]) <= 5
-    assert int(printed["CMD(SGD)"][1].replace(",", "")) <= 0.05 * 85_002  # the default's budget, under 100K
+    assert int(printed["CMD(SGD)"][1].replace(",", "")) < 85_002  # the projected cores and the full vectors
     assert float(printed["CMD(SGD)"][0]) > 0.85
     assert "Recovery" in out and "How to read it" in out
     assert [r["method"] for r in rows] == ["SGD at the switch", "SGD", "CMD(SGD)", "CMD(SGD), modes"]

@@ -1,6 +1,6 @@
 """The math of CMD, with no dependency on torch.optim, torch.distributed or any optional package.
 
-Paper symbols and the names used in the code (docs/glossary.md has the full table):
+Paper symbols and the names used in the code (docs/architecture.md has the full table):
 
 =============  ===============================================  ==========================================
 paper          meaning                                          code
@@ -35,6 +35,7 @@ from .mode_map import MAX_SLOPE, ModeMap
 from .online import OnlineCMD
 from .sampling import sample_columns
 from .snapshots import SnapshotBuffer
+from .subspace import SubspaceMap
 
 __all__ = [
     "CHUNK_ELEMENTS",
@@ -48,6 +49,7 @@ __all__ = [
     "OnlineCMD",
     "SlopeFit",
     "SnapshotBuffer",
+    "SubspaceMap",
     "abs_correlation",
     "choose_references",
     "chunks",

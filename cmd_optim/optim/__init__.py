@@ -1,10 +1,14 @@
-"""Training with CMD: the optimizer, its phases and its reduction strategies (imports ``core`` only)."""
+"""Training with CMD: the optimizer, its phases and its reductions (imports ``core`` only).
+
+Each reduction registers itself (``reduction.register``) when its module is imported here.
+"""
 
 from .cmd import CMDOptimizer, find_cmd_optimizer, optimizer_state_bytes
 from .exchange import ModeExchange
 from .gradual import Gradual
 from .lowrank import LowRank
 from .modes import Modes
+from .reduction import REDUCTIONS, Reduction, register
 
-__all__ = ["CMDOptimizer", "Gradual", "LowRank", "ModeExchange", "Modes", "find_cmd_optimizer",
-           "optimizer_state_bytes"]
+__all__ = ["REDUCTIONS", "CMDOptimizer", "Gradual", "LowRank", "ModeExchange", "Modes", "Reduction",
+           "find_cmd_optimizer", "optimizer_state_bytes", "register"]

@@ -7,46 +7,49 @@ keeps its full state, and the embedding adds the Decomposition's running statist
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 
 from ..core import Decomposition
 from ..core._checks import check_int, check_real
 from ._params import all_finite, tensor_bytes
+from .decomposed import Decomposed
 from .embedding import GradualEmbedding
 from .phase import Setup, guarded_step
+from .reduction import register
 from .warmup import WarmupPhase, load_base_state
 
 __all__ = ["Gradual", "GradualPhase"]
 
 
-class Gradual:
+@register
+@dataclasses.dataclass(frozen=True)
+class Gradual(Decomposed):
     """``CMDOptimizer(..., reduction=Gradual(every=2, fraction=0.1))``.
 
-    Args:
+    Args (besides the decomposition's, see :class:`~cmd_optim.optim.decomposed.Decomposed`):
         every: snapshots between two embedding rounds (L).
         fraction: share of the not-yet-embedded parameters that each round embeds (P), in (0, 1].
     """
 
-    name = "gradual"
-    needs_snapshots = True
-    row_window = 0  # no embedding row marks needed
+    every: int = 2
+    fraction: float = 0.1
 
-    def check(self, setup: Setup) -> None:
-        if setup.sharding is not None:
-            raise ValueError("reduction=Gradual is not available with FSDP2-sharded parameters: use reduction='modes'")
+    name: ClassVar[str] = "gradual"
+    state_keys: ClassVar[tuple[str, ...]] = ("decomposition", "embedding")
 
-    def __init__(self, every: int = 2, fraction: float = 0.1) -> None:
-        self.every = check_int("every", every, low=1)
-        self.fraction = check_real("fraction", fraction, low=0, high=1, low_open=True)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("every", check_int("every", self.every, low=1))
+        self._set("fraction", check_real("fraction", self.fraction, low=0, high=1, low_open=True))
 
-    def __repr__(self) -> str:
-        return f"Gradual(every={self.every}, fraction={self.fraction})"
-
-    def build(self, setup: Setup, warmup: WarmupPhase, d: Decomposition) -> GradualPhase:
+    def build(self, setup: Setup, warmup: WarmupPhase, steps_taken: int) -> GradualPhase:
+        d = self.fit(setup, warmup.recorder, steps_taken, keep=True)
         embedding = GradualEmbedding(d, setup.params.tracked, self.every, self.fraction)
-        return GradualPhase(setup, warmup.optimizer, embedding)
+        return GradualPhase(setup, warmup.optimizer, embedding, self.snapshot_every, self.report(d, setup))
 
     def load(self, setup: Setup, envelope: dict, extra: dict) -> GradualPhase:
         if "decomposition" not in extra or "embedding" not in extra:
@@ -59,7 +62,7 @@ class Gradual:
         embedding.load_state_dict(extra["embedding"])
         optimizer = setup.base_on_copies()
         load_base_state(optimizer, envelope)
-        return GradualPhase(setup, optimizer, embedding)
+        return GradualPhase(setup, optimizer, embedding, self.snapshot_every, extra.get("fit", {}))
 
 
 class GradualPhase:
@@ -68,8 +71,10 @@ class GradualPhase:
     name = "gradual"
     reduced = True
 
-    def __init__(self, setup: Setup, optimizer: torch.optim.Optimizer, embedding: GradualEmbedding) -> None:
+    def __init__(self, setup: Setup, optimizer: torch.optim.Optimizer, embedding: GradualEmbedding,
+                 snapshot_every: int, fit_report: dict) -> None:
         self.setup, self.optimizer, self.embedding = setup, optimizer, embedding
+        self.snapshot_every, self.fit_report = snapshot_every, dict(fit_report)
 
     @property
     def decomposition(self) -> Decomposition:
@@ -77,6 +82,9 @@ class GradualPhase:
 
     def adopt(self) -> None:
         self.setup.adopt_groups(self.optimizer)
+
+    def release(self) -> None:
+        pass
 
     def step(self, loss, closure: Callable | None) -> bool:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -88,7 +96,7 @@ class GradualPhase:
         return True
 
     def after_step(self, steps_taken: int) -> None:
-        if steps_taken % self.setup.snapshot_every == 0:
+        if steps_taken % self.snapshot_every == 0:
             self.embedding.observe([p for p in self.setup.params.tracked if p.grad is not None])
 
     def trainable_dims(self) -> int:
@@ -100,4 +108,8 @@ class GradualPhase:
                 + tensor_bytes(self.embedding.state_dict()))
 
     def extra_state(self) -> dict:
-        return {"decomposition": self.decomposition.state_dict(), "embedding": self.embedding.state_dict()}
+        return {"decomposition": self.decomposition.state_dict(), "embedding": self.embedding.state_dict(),
+                "fit": dict(self.fit_report)}
+
+    def report(self) -> dict:
+        return {**self.fit_report, "embedded": self.embedding.num_embedded}

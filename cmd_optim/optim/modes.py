@@ -1,4 +1,4 @@
-"""Mode training, the default reduction: after the switch only the mode coefficients are trained.
+"""The mode reduction, the paper's method: after the switch only the mode coefficients are trained.
 
 Each parameter group g has one coefficient per mode m. The base optimizer (rebuilt on the coefficients
 plus the ``keep_free`` parameters) steps on the mode gradient ``sum_i u_i grad_i / sum_i u_i^2`` over the
@@ -13,16 +13,20 @@ the step length).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..core import MAX_SLOPE, Decomposition, ModeMap, SlopeFit
+from ..core import MAX_SLOPE, Decomposition, ModeMap
 from ..core._checks import check_real
 from ..core.mode_map import KERNELS
 from ._params import hyperparameters, tensor_bytes
-from .phase import Setup, _NonFinite, guarded_step
+from .decomposed import Decomposed
+from .phase import NonFiniteStep, Setup, guarded_step
+from .reduction import register
 from .warmup import WarmupPhase, load_base_state
 
 __all__ = ["ModePhase", "Modes"]
@@ -30,48 +34,67 @@ __all__ = ["ModePhase", "Modes"]
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-class Modes:
-    """The mode-training reduction: ``CMDOptimizer(..., reduction=Modes(max_slope=10.0, speed_limit=True))``.
+@register
+@dataclasses.dataclass(frozen=True)
+class Modes(Decomposed):
+    """The paper's reduction: ``CMDOptimizer(model, base, modes=10)`` or ``reduction=Modes(modes=10, ...)``.
 
-    Args:
+    Args (besides the decomposition's, see :class:`~cmd_optim.optim.decomposed.Decomposed`):
         max_slope: the largest |u_i| (a parameter's slope in units of its mode's RMS slope).
         speed_limit: cap each coefficient's change per step at its reference's fastest warm-up speed.
         kernel: the mode map's kernels (:data:`cmd_optim.core.mode_map.KERNELS`; ``"auto"``: the fastest
             this installation has for the device).
+        keep_decomposition: keep the switch's :class:`Decomposition` in ``CMDOptimizer.decomposition`` (24
+            bytes per parameter); the mode phase itself needs 5.
     """
 
-    name = "modes"
-    needs_snapshots = True
-    row_window = 0  # no embedding row marks needed
+    max_slope: float = MAX_SLOPE
+    speed_limit: bool = True
+    kernel: str = "auto"
+    keep_decomposition: bool = False
+
+    name: ClassVar[str] = "modes"
+    supports_sharding: ClassVar[bool] = True
+    supports_lbfgs: ClassVar[bool] = True
+    communication_hook: ClassVar[bool] = True
+    shortcuts: ClassVar[tuple[str, ...]] = (*Decomposed.shortcuts, "keep_decomposition")
+    state_keys: ClassVar[tuple[str, ...]] = ("map", "coefficients", "applied", "speed_limit", "limited_steps",
+                                             "origins")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._set("max_slope", check_real("max_slope", self.max_slope, low=0, low_open=True))
+        if not isinstance(self.speed_limit, bool):
+            raise TypeError(f"speed_limit must be True or False, got {self.speed_limit!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if not isinstance(self.keep_decomposition, bool):
+            raise TypeError(f"keep_decomposition must be True or False, got {self.keep_decomposition!r}")
 
     def check(self, setup: Setup) -> None:
-        pass
+        super().check(setup)
+        if setup.sharding is not None and self.keep_decomposition:
+            raise ValueError("keep_decomposition is not available with FSDP2-sharded parameters (each rank fits only "
+                             "its own shard)")
 
-    def __init__(self, max_slope: float = MAX_SLOPE, speed_limit: bool = True, kernel: str = "auto") -> None:
-        self.max_slope = check_real("max_slope", max_slope, low=0, low_open=True)
-        if not isinstance(speed_limit, bool):
-            raise TypeError(f"speed_limit must be True or False, got {speed_limit!r}")
-        if kernel not in KERNELS:
-            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-        self.speed_limit, self.kernel = speed_limit, kernel
-
-    def __repr__(self) -> str:
-        return f"Modes(max_slope={self.max_slope}, speed_limit={self.speed_limit})"
-
-    def build(self, setup: Setup, warmup: WarmupPhase, d: SlopeFit | Decomposition) -> ModePhase:
-        """The mode phase at the switch: the map of ``d`` (a :class:`SlopeFit` is taken over in place),
-        coefficients at zero, SGD momentum projected."""
+    def build(self, setup: Setup, warmup: WarmupPhase, steps_taken: int) -> ModePhase:
+        """The mode phase at the switch: the map of the warm-up's fit (a :class:`SlopeFit` is taken over in
+        place), coefficients at zero, SGD momentum projected."""
+        d = self.fit(setup, warmup.recorder, steps_taken, keep=self.keep_decomposition)
         params = setup.params
         fit = d.slope_fit() if isinstance(d, Decomposition) else d
+        profiles = d.profiles
+        report = self.report(d, setup)
         mode_map = ModeMap.from_fit(fit, setup.local_tracked(), params.tracked_groups, len(params.groups),
                                     self.max_slope, kernel=self.kernel, reduce=setup.shard_sum)
         if self.speed_limit:
-            per_snapshot = d.profiles.diff(dim=1).abs().amax(dim=1).to(mode_map.device)
-            speed = (per_snapshot * mode_map.mode_rms / setup.snapshot_every)[mode_map.mode_of_coefficient()]
+            per_snapshot = profiles.diff(dim=1).abs().amax(dim=1).to(mode_map.device)
+            speed = (per_snapshot * mode_map.mode_rms / self.snapshot_every)[mode_map.mode_of_coefficient()]
         else:
             speed = torch.full((mode_map.num_coefficients,), float("inf"), device=mode_map.device)
         zeros = torch.zeros(mode_map.num_coefficients, device=mode_map.device)
-        phase = ModePhase(setup, mode_map, zeros, zeros.clone(), speed)
+        phase = ModePhase(setup, mode_map, zeros, zeros.clone(), speed, fit_report=report,
+                          decomposition=d if self.keep_decomposition else None)
         base_state = warmup.optimizer.state
         buffers = [setup.local(base_state.get(p, {}).get("momentum_buffer")) for p in params.tracked]
         if any(b is not None for b in buffers):  # SGD's momentum, projected like a gradient
@@ -102,11 +125,16 @@ class Modes:
             raise ValueError("the mode-phase state_dict holds non-finite coefficients")
         if bool((vectors["speed_limit"].isnan() | (vectors["speed_limit"] < 0)).any()):
             raise ValueError("the mode-phase state_dict holds a negative or NaN speed limit")
+        if not isinstance(extra["limited_steps"], int) or extra["limited_steps"] < 0:
+            raise ValueError(f"the mode-phase state_dict's 'limited_steps' must be a non-negative integer, got "
+                             f"{extra['limited_steps']!r}")
         origins = extra.get("origins", {})
         if not isinstance(origins, dict):
             raise ValueError("the mode-phase state_dict's 'origins' must be a dict")
+        decomposition = Decomposition.from_state_dict(extra["decomposition"]) if "decomposition" in extra else None
         phase = ModePhase(setup, mode_map, *(v.to(mode_map.device) for v in vectors.values()),
-                          origins=origins, limited_steps=int(extra["limited_steps"]))
+                          origins=origins, limited_steps=extra["limited_steps"], fit_report=extra.get("fit", {}),
+                          decomposition=decomposition)
         load_base_state(phase.optimizer, envelope)
         return phase
 
@@ -136,8 +164,11 @@ class ModePhase:
     reduced = True
 
     def __init__(self, setup: Setup, mode_map: ModeMap, coefficients: torch.Tensor, applied: torch.Tensor,
-                 speed_limit: torch.Tensor, origins: dict | None = None, limited_steps: int = 0) -> None:
+                 speed_limit: torch.Tensor, origins: dict | None = None, limited_steps: int = 0,
+                 fit_report: dict | None = None, decomposition: Decomposition | None = None) -> None:
         self.setup, self.map = setup, mode_map
+        self.fit_report = dict(fit_report or {})
+        self.decomposition = decomposition
         self.params = setup.local_tracked()  # what the map moves: this rank's shards under FSDP2
         self.applied, self.speed_limit = applied.clone(), speed_limit.clone()
         self.limited_steps = limited_steps
@@ -179,7 +210,7 @@ class ModePhase:
             self._follow()
             value = closure()
             if not self._load_mode_gradients():
-                raise _NonFinite
+                raise NonFiniteStep
             return value
 
         watched = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -255,11 +286,18 @@ class ModePhase:
         origins = {i: o.clone() for i, o in enumerate(self.origins) if o is not None}
         if sharding is not None:
             origins = {i: sharding.global_view(o, i) for i, o in origins.items()}
-        return {
+        state = {
             "map": mode_map,
             "coefficients": torch.cat([psi.detach().reshape(-1) for psi in self.coefficients]).clone(),
             "applied": self.applied.clone(),
             "speed_limit": self.speed_limit.clone(),
             "limited_steps": self.limited_steps,
             "origins": origins,
+            "fit": dict(self.fit_report),
         }
+        if self.decomposition is not None:
+            state["decomposition"] = self.decomposition.state_dict()
+        return state
+
+    def report(self) -> dict:
+        return {**self.fit_report, "coefficients": self.map.num_coefficients}

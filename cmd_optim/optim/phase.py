@@ -1,8 +1,8 @@
 """What every phase of a CMDOptimizer provides, the settings they share, and a guarded optimizer step.
 
 A :class:`CMDOptimizer` holds one phase at a time: the warm-up (:class:`~cmd_optim.optim.warmup.WarmupPhase`)
-and, after the switch, the phase its reduction strategy builds (``Modes`` -> ``ModePhase``, ``Gradual``
--> ``GradualPhase``). The optimizer validates, counts and keeps the state_dict envelope; a phase steps.
+and, after the switch, the phase its reduction (:class:`~cmd_optim.optim.reduction.Reduction`) builds. The
+optimizer validates, counts and keeps the state_dict envelope; a phase steps.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ from typing import Protocol
 
 import torch
 
-from ..core import SnapshotBuffer
-from ._params import BaseFactory, ParamSet, all_finite
+from ._params import BaseFactory, ParamSet, all_finite, hyperparameters
 from .exchange import ModeExchange
 from .sharding import Sharding
 
-__all__ = ["Phase", "Setup", "guarded_step"]
+__all__ = ["NonFiniteStep", "Phase", "Setup", "guarded_step"]
 
 
 @dataclass
@@ -28,24 +27,13 @@ class Setup:
     params: ParamSet
     make_base: BaseFactory
     switch_after: int
-    snapshot_every: int
-    snapshot_device: torch.device
-    snapshot_dtype: torch.dtype
-    snapshot_dir: str | None
     exchange: ModeExchange
-    record_snapshots: bool = True  # False for a reduction that needs no decomposition of the warm-up
     sharding: Sharding | None = None  # FSDP2: the tracked parameters are row shards
-    row_window: int = 0  # the last this many warm-up steps record which rows of each matrix get gradients
 
     @property
     def tracked_matrices(self) -> list[torch.Tensor]:
         """The tracked parameters with two or more dimensions, in tracking order."""
         return [p for p in self.params.tracked if p.ndim >= 2]
-
-    @property
-    def watched_matrices(self) -> list[torch.Tensor]:
-        """The tracked matrices whose used rows the warm-up records (none when ``row_window`` is 0)."""
-        return self.tracked_matrices if self.row_window else []
 
     def local(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """This rank's part of a tracked parameter or gradient (the tensor itself without sharding)."""
@@ -66,16 +54,6 @@ class Setup:
         finite = all_finite(self.local(t) for t in tensors)
         return finite if self.sharding is None else self.sharding.agree(finite)
 
-    @property
-    def num_snapshots(self) -> int:
-        """Snapshots of the warm-up: at step 0 and every ``snapshot_every`` steps up to the switch."""
-        return self.switch_after // self.snapshot_every + 1
-
-    def snapshot_buffer(self) -> SnapshotBuffer:
-        """An empty buffer for the warm-up's snapshots (of this rank's shards), as the settings say."""
-        return SnapshotBuffer(self.local_tracked(), self.num_snapshots, self.snapshot_device, self.snapshot_dtype,
-                              self.snapshot_dir)
-
     def base_on_copies(self) -> torch.optim.Optimizer:
         """A new base optimizer on copies of the visible group dicts (see :meth:`adopt_groups`)."""
         return self.make_base([dict(group) for group in self.params.groups])
@@ -84,16 +62,23 @@ class Setup:
         """Make ``optimizer`` step on the visible group dicts: their settings are updated in place from the
         optimizer's groups, and the optimizer's ``param_groups`` becomes the visible list itself."""
         for visible, own in zip(self.params.groups, optimizer.param_groups):
-            visible.update({key: value for key, value in own.items() if key != "params"})
+            visible.update(hyperparameters(own))
         optimizer.param_groups = self.params.groups
 
 
 class Phase(Protocol):
-    """One phase of a CMDOptimizer."""
+    """One phase of a CMDOptimizer. A reduced phase documents, as public attributes, what it shows a user
+    (``CMDOptimizer.reduced_phase``)."""
 
-    name: str  #: "warmup", "modes" or "gradual"
+    name: str  #: "warmup", or the name of the reduction that built it
     reduced: bool  #: True after the switch
     optimizer: torch.optim.Optimizer  #: the torch optimizer that steps; its state_dict is the envelope
+
+    def adopt(self) -> None:
+        """Called once the phase has become the live one."""
+
+    def release(self) -> None:
+        """Called when the phase stops being the live one."""
 
     def step(self, loss, closure: Callable | None) -> bool:
         """One step; False if it was skipped (a non-finite gradient), leaving weights and state alone."""
@@ -110,8 +95,11 @@ class Phase(Protocol):
     def extra_state(self) -> dict:
         """The phase's own state beside the envelope: tensors and plain values only."""
 
+    def report(self) -> dict:
+        """What ``switch_report`` shows of the phase (plain values)."""
 
-class _NonFinite(Exception):
+
+class NonFiniteStep(Exception):
     """A closure re-evaluation inside an optimizer step produced non-finite gradients."""
 
 
@@ -137,12 +125,12 @@ def guarded_step(optimizer: torch.optim.Optimizer, loss, closure: Callable | Non
         with torch.enable_grad():
             value = reevaluate()
         if not all_finite([torch.as_tensor(value).detach(), *(p.grad for p in watched)]):
-            raise _NonFinite
+            raise NonFiniteStep
         return value
 
     try:
         optimizer.step(replay)
-    except _NonFinite:
+    except NonFiniteStep:
         if saved is None:
             raise RuntimeError(f"{type(optimizer).__name__} re-evaluated the closure and got non-finite "
                                "gradients; the step it had begun cannot be undone") from None

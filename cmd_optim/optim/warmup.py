@@ -1,139 +1,108 @@
-"""The warm-up: the base optimizer trains every parameter, and the tracked ones are recorded."""
+"""The warm-up: the base optimizer trains every parameter, and the reduction's recorder (if any) watches."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import torch
 
-from ..core import SnapshotBuffer
-from ..core.snapshots import open_saved
 from ._params import tensor_bytes
 from .phase import Setup, guarded_step
 
-__all__ = ["WarmupPhase"]
+__all__ = ["WarmupPhase", "WarmupRecorder", "load_base_state"]
+
+
+class WarmupRecorder(ABC):
+    """What a reduction records during the warm-up (e.g. snapshots); the warm-up calls it after each step."""
+
+    @abstractmethod
+    def after_step(self, steps_taken: int) -> None:
+        """Record what step ``steps_taken`` (1-based) left behind; must leave the recorder as it was on error."""
+
+    @abstractmethod
+    def state(self) -> dict:
+        """What a warm-up state_dict keeps of the recording: tensors and plain values only."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes the recording holds now."""
+
+    def release(self) -> None:  # noqa: B027 (an optional hook)
+        """Free what the recording holds (called after the switch, or when a loaded one is dropped)."""
 
 
 class WarmupPhase:
     """Ordinary training with the base optimizer, exactly as it would run alone.
 
-    A snapshot of the tracked parameters is taken at step 0 and every ``snapshot_every`` steps up to the
-    switch, into a :class:`SnapshotBuffer` of ``setup.num_snapshots`` rows (in memory, or in a file in
-    ``snapshot_dir``; a state_dict then names the file instead of holding the snapshots). Over the last
-    ``setup.row_window`` steps it also marks the rows (first dimension) of each tracked matrix that received a
-    gradient (``touched_rows``, one bool per row), for a reduction that freezes sparsely used tables.
+    ``recorder`` is what the reduction records of the warm-up (the CMD reductions: a snapshot at step 0 and
+    every ``snapshot_every`` steps); None for a reduction that needs nothing from it. ``saw_gradient`` says
+    whether any step so far had a gradient (a warm-up without one has nothing to switch from).
     """
 
     name = "warmup"
     reduced = False
 
     def __init__(self, setup: Setup, optimizer: torch.optim.Optimizer | None = None,
-                 snapshots: SnapshotBuffer | None = None, touched_rows: list[torch.Tensor] | None = None) -> None:
+                 recorder: WarmupRecorder | None = None, saw_gradient: bool = False) -> None:
         self.setup = setup
+        self.saw_gradient = saw_gradient
         if optimizer is None:
             optimizer = setup.base_on_copies()
             setup.adopt_groups(optimizer)
         self.optimizer = optimizer
-        if snapshots is None and setup.record_snapshots:
-            snapshots = setup.snapshot_buffer()
-            snapshots.record(setup.local_tracked())
-        self.snapshots = snapshots
-        self.touched_rows = touched_rows
+        self.recorder = recorder
 
     def step(self, loss, closure: Callable | None) -> bool:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         if not self.setup.all_finite(p.grad for p in params):
             return False
-        return guarded_step(self.optimizer, loss, closure, params)
+        taken = guarded_step(self.optimizer, loss, closure, params)
+        self.saw_gradient = self.saw_gradient or (taken and any(p.grad is not None for p in params))
+        return taken
 
     def after_step(self, steps_taken: int) -> None:
-        if (self.snapshots is not None and steps_taken % self.setup.snapshot_every == 0
-                and steps_taken <= self.setup.switch_after):
-            self.snapshots.record(self.setup.local_tracked())
-        if self.setup.switch_after - self.setup.row_window < steps_taken <= self.setup.switch_after:
-            self._mark_rows()
-
-    @torch.no_grad()
-    def _mark_rows(self) -> None:
-        watched = self.setup.watched_matrices
-        if self.touched_rows is None:
-            self.touched_rows = [torch.zeros(p.shape[0], dtype=torch.bool, device=p.device) for p in watched]
-        for p, rows in zip(watched, self.touched_rows):
-            if p.grad is not None:
-                rows |= torch.linalg.vector_norm(p.grad.reshape(p.shape[0], -1), 1, dim=1) > 0
+        if self.recorder is not None:
+            self.recorder.after_step(steps_taken)
 
     def trainable_dims(self) -> int:
         return sum(p.numel() for group in self.optimizer.param_groups for p in group["params"] if p.requires_grad)
 
     def state_bytes(self) -> int:
-        return tensor_bytes(self.optimizer.state) + (self.snapshots.nbytes if self.snapshots is not None else 0)
+        return tensor_bytes(self.optimizer.state) + (self.recorder.nbytes if self.recorder is not None else 0)
 
     def extra_state(self) -> dict:
-        """The snapshots so far (under FSDP2: one DTensor per parameter, (snapshots, *shape), this rank's rows)."""
-        rows = {} if self.touched_rows is None else {"touched_rows": [r.clone() for r in self.touched_rows]}
-        if self.snapshots is None:
-            return rows
-        saved = self.snapshots.saved()
-        sharding = self.setup.sharding
-        if sharding is not None and isinstance(saved, torch.Tensor):
-            shapes = [t.shape for t in self.setup.local_tracked()]
-            pieces = saved.split([s.numel() for s in shapes], dim=1)
-            saved = [sharding.global_view(piece.reshape(len(saved), *shape), index, dim=1)
-                     for index, (piece, shape) in enumerate(zip(pieces, shapes))]
-        return {"snapshots": saved, **rows}
+        return {"saw_gradient": self.saw_gradient, **({} if self.recorder is None else self.recorder.state())}
+
+    def report(self) -> dict:
+        return {}
 
     @classmethod
-    def load(cls, setup: Setup, envelope: dict, extra: dict, steps_taken: int) -> WarmupPhase:
-        """A warm-up phase from saved state, built beside the live one: nothing live is touched."""
-        rows = _touched_rows(setup, extra.get("touched_rows"))
-        buffer = _saved_snapshots(setup, extra, steps_taken) if setup.record_snapshots else None
+    def load(cls, setup: Setup, envelope: dict, extra: dict, recorder_for: Callable) -> WarmupPhase:
+        """A warm-up phase from saved state, built beside the live one: nothing live is touched.
+        ``recorder_for(saved)`` restores the reduction's recorder from ``extra`` (or returns None)."""
+        recorder = recorder_for(extra)
         try:
             optimizer = setup.base_on_copies()
             load_base_state(optimizer, envelope)
         except Exception:
-            if buffer is not None:
-                buffer.release()
+            if recorder is not None:
+                recorder.release()
             raise
-        return cls(setup, optimizer, buffer, rows)
+        saw = extra.get("saw_gradient", True)
+        if not isinstance(saw, bool):
+            raise ValueError(f"the warm-up state_dict's 'saw_gradient' must be True or False, got {saw!r}")
+        return cls(setup, optimizer, recorder, saw)
 
     def adopt(self) -> None:
         """Called once this phase replaces the live one: step on the visible group dicts."""
         self.setup.adopt_groups(self.optimizer)
 
-
-def _saved_snapshots(setup: Setup, extra: dict, steps_taken: int) -> SnapshotBuffer:
-    """A buffer holding the warm-up state_dict's snapshots, checked against the step count."""
-    if "snapshots" not in extra:
-        raise ValueError("the warm-up state_dict has no 'snapshots' (it was saved with a reduction that "
-                         "needs none)")
-    snapshots = extra["snapshots"]
-    if isinstance(snapshots, list):  # saved under FSDP2: this rank's rows of every parameter's trajectory
-        snapshots = torch.cat([setup.local(t).reshape(t.shape[0], -1) for t in snapshots], dim=1)
-    snapshots = open_saved(snapshots)
-    expected = min(steps_taken, setup.switch_after) // setup.snapshot_every + 1
-    if len(snapshots.shape) != 2 or snapshots.shape[0] != expected:
-        raise ValueError(f"the warm-up state_dict holds {snapshots.shape[0]} snapshots after {steps_taken} steps; "
-                         f"with snapshot_every={setup.snapshot_every} this optimizer expects {expected}")
-    buffer = setup.snapshot_buffer()
-    try:
-        buffer.load(snapshots)
-    except Exception:
-        buffer.release()
-        raise
-    return buffer
-
-
-def _touched_rows(setup: Setup, saved) -> list[torch.Tensor] | None:
-    """The saved row marks, checked against this optimizer's matrices (None if none were saved)."""
-    if saved is None:
-        return None
-    watched = setup.watched_matrices
-    if not isinstance(saved, list) or len(saved) != len(watched) or not all(
-            isinstance(r, torch.Tensor) and r.dtype == torch.bool and r.shape == (p.shape[0],)
-            for r, p in zip(saved, watched)):
-        raise ValueError(f"the warm-up state_dict's 'touched_rows' do not fit this model's {len(watched)} "
-                         "matrices")
-    return [r.to(p.device).clone() for r, p in zip(saved, watched)]
+    def release(self) -> None:
+        """Called when this phase is replaced: the recording is freed."""
+        if self.recorder is not None:
+            self.recorder.release()
 
 
 def load_base_state(optimizer: torch.optim.Optimizer, envelope: dict) -> None:

@@ -132,18 +132,3 @@ def test_the_backend_is_named_and_can_be_forced(monkeypatch):
     monkeypatch.setenv("CMD_OPTIM_KERNELS", "torch")
     assert kernels.backend("cpu") == "torch"
     assert _random_map([(10,)]).kernel == "torch"
-
-
-@pytest.mark.skipif(not kernels.available()["native"], reason="the C extension is not built")
-def test_the_native_accumulate_matches_torch():
-    from cmd_optim.core.kernels import cpu
-
-    gen = torch.Generator().manual_seed(5)
-    total = torch.randn(100_003, generator=gen).to(torch.bfloat16)
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        grad = torch.randn(100_003, generator=gen).to(dtype)
-        expected = total.clone().add_(grad.to(torch.bfloat16))
-        absolute, square = cpu.accumulate(total, grad)
-        assert torch.equal(total, expected), dtype
-        assert absolute == pytest.approx(float(grad.float().abs().sum()), rel=1e-5)
-        assert square == pytest.approx(float(grad.float().square().sum()), rel=1e-5)

@@ -121,7 +121,7 @@ def test_sharded_setups_are_refused_at_construction():
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     with pytest.raises(TypeError, match="base=ZeroRedundancyOptimizer .DeepSpeed's ZeRO neither.*fully_shard"):
-        CMDOptimizer(nn.Linear(3, 2), base=ZeroRedundancyOptimizer, switch_after=20, snapshot_every=5)
+        CMDOptimizer(nn.Linear(3, 2), base=ZeroRedundancyOptimizer, switch_after=20)
 
 
 def _torchrun(script, *args):
@@ -161,13 +161,13 @@ def test_sharding_other_than_fsdp2_rows_is_refused(tmp_path):
     try:
         mesh = init_device_mesh("cpu", (1,))
         rows = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))  # what FSDP2 trains
-        assert CMDOptimizer([rows], switch_after=20, snapshot_every=5).sharding is not None
+        assert CMDOptimizer([rows], switch_after=20).sharding is not None
         for placement in (Replicate(), Shard(1)):
             other = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [placement]))
             with pytest.raises(TypeError, match="CMDOptimizer supports FSDP2's Shard\\(0\\)"):
-                CMDOptimizer([other], switch_after=20, snapshot_every=5)
+                CMDOptimizer([other], switch_after=20)
         with pytest.raises(TypeError, match="some tracked parameters are FSDP2 shards and some are not"):
-            CMDOptimizer([rows, nn.Parameter(torch.randn(3))], switch_after=20, snapshot_every=5)
+            CMDOptimizer([rows, nn.Parameter(torch.randn(3))], switch_after=20)
     finally:
         dist.destroy_process_group()
 

@@ -209,7 +209,7 @@ def test_pretrained_minilm_loads_offline():
     assert 22_000_000 < model.num_parameters() < 23_000_000
     batch = tokenizer(["a wonderful day", "dreadful"], padding=True, return_tensors="pt")
     assert model(**batch).logits.shape == (2, 2)
-    optimizer = CMDOptimizer(model, keep_free=["classifier.*"], switch_after=20, snapshot_every=10, lr=1e-4)
+    optimizer = CMDOptimizer(model, keep_free=["classifier.*"], switch_after=20, lr=1e-4)
     assert optimizer.trainable_dims == model.num_parameters()
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from cmd_optim import CMDOptimizer, Gradual, LowRank
+from cmd_optim import CMDOptimizer, Gradual, LowRank, Modes
+from cmd_optim.optim import REDUCTIONS as REGISTERED
 from tests._helpers import batch_index, roundtrip, same_weights
 
 BASES = {
@@ -20,13 +21,20 @@ BASES = {
     "Adagrad": (torch.optim.Adagrad, dict(lr=5e-2)),
     "LBFGS": (torch.optim.LBFGS, dict(lr=0.5, max_iter=3, history_size=5)),
 }
-REDUCTIONS = {"modes": lambda: "modes", "gradual": lambda: Gradual(every=2, fraction=0.25),
-              "lowrank": lambda: LowRank(budget=0.2, refresh_every=3)}
+#: a small configuration of every registered reduction (a new reduction must add one here)
+REDUCTIONS = {"modes": lambda: Modes(modes=4, samples=200, snapshot_every=5),
+              "gradual": lambda: Gradual(modes=4, samples=200, snapshot_every=5, every=2, fraction=0.25),
+              "lowrank": lambda: LowRank(rank=2, refresh_every=3, min_side=2)}
 SWITCH, END = 20, 36
 STOPS = {"warmup": 10, "switch": SWITCH, "reduced": 28}  # where a run is saved or copied
 
-CASES = [(base, reduction) for base in BASES for reduction in REDUCTIONS
-         if (base, reduction) != ("LBFGS", "lowrank")]  # refused at construction (test_defects)
+#: every base with every reduction that declares it can run with it (the rest are refused at construction)
+CASES = [(base, name) for base in BASES for name in REDUCTIONS
+         if REDUCTIONS[name]().refusal(BASES[base][0].__name__, sharded=False) is None]
+
+
+def test_every_registered_reduction_is_in_the_matrix():
+    assert set(REDUCTIONS) == set(REGISTERED)
 
 
 class Run:
@@ -38,8 +46,8 @@ class Run:
         torch.manual_seed(0)
         self.model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
         cls, kwargs = BASES[base]
-        self.optimizer = CMDOptimizer(self.model, base=cls, modes=4, switch_after=SWITCH, snapshot_every=5,
-                                      samples=200, reduction=REDUCTIONS[reduction](), **kwargs)
+        self.optimizer = CMDOptimizer(self.model, base=cls, switch_after=SWITCH, reduction=REDUCTIONS[reduction](),
+                                      **kwargs)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: 0.97 ** step)
         self.closure = closure or base == "LBFGS"
         self.lrs: list[float] = []
@@ -152,7 +160,8 @@ def test_closure_returns_the_loss_and_zero_grad_clears(base, reduction, stop):
     assert float(run.optimizer.step(closure).detach()) == expected
     run.optimizer.zero_grad()
     assert all(p.grad is None for p in run.model.parameters())
-    assert all(c.grad is None for c in run.optimizer.mode_coefficients)
+    stepped = [p for group in run.optimizer.inner_optimizer.param_groups for p in group["params"]]
+    assert stepped and all(p.grad is None for p in stepped)  # the cores and coefficients too
     run.loss(0).backward()
     run.optimizer.zero_grad(set_to_none=False)
     assert all(p.grad is not None and not p.grad.any() for p in run.model.parameters())

@@ -1,4 +1,6 @@
-"""The low-rank reduction: what it moves, how it refreshes, and that it keeps learning after the switch."""
+"""The low-rank reduction: its plan of ranks, what a step moves, refreshes, weight decay, its public view,
+and that it keeps learning after the switch."""
+
 
 import pytest
 import torch
@@ -6,107 +8,126 @@ from torch import nn
 
 from benchmarks import datasets
 from cmd_optim import CMDOptimizer, LowRank
-from cmd_optim.optim.lowrank import allocate_ranks
-from tests._helpers import accuracy, mlp, train
+from cmd_optim.optim.lowrank import plan_matrices
+from tests._helpers import accuracy, mlp, roundtrip, train
 
 
-def test_ranks_share_the_budget_by_size_and_stop_at_full_rank():
-    shapes = [(256, 64), (256, 256), (10, 256), (3, 3)]
-    ranks = allocate_ranks(shapes, 4000)
-    assert sum(r * r for r in ranks) <= 4000 and ranks[2] == 10  # (10, 256) is full at rank 10
-    assert ranks[1] > ranks[0] > ranks[3] >= 1  # the rest by size
-    assert allocate_ranks(shapes, 0) == [1, 1, 1, 1]  # every matrix keeps a direction
-    assert allocate_ranks([(5, 7)], 10**6) == [5]
-    capped = allocate_ranks([(512, 512), (64, 64)], 10**5, max_rank=32)
-    assert capped == [32, 32]  # the cap leaves the rest of the budget unused
+def test_ranks_keep_each_matrix_state_within_its_share_and_small_sides_train_in_full():
+    shapes = [(256, 64), (256, 256), (10, 256), (64, 3000)]
+    plans = plan_matrices(["a", "b", "head", "table"], shapes, [2, 2, 2, 2], 0.25, None, 16)
+    assert [p.rank for p in plans][2] == 0  # a 10-row head trains in full
+    for plan, (m, n) in zip(plans, shapes):
+        if plan.projected:
+            assert plan.state_bytes() <= 0.25 * 8 * m * n
+            assert plan.state_bytes() > 0.2 * 8 * m * n  # the largest rank within the share
+    sgd = plan_matrices(["b"], [(256, 256)], [1], 0.25, None, 16)[0]  # momentum only: 4 bytes per parameter
+    assert sgd.state_bytes() <= 0.25 * 4 * 256 * 256 and sgd.rank == 256 * 256 // (4 * 512)
+    fixed = plan_matrices(["a", "b"], [(256, 64), (40, 30)], [2, 2], 0.25, 48, 16)
+    assert [p.rank for p in fixed] == [48, 0]  # rank 48 reaches the 30-wide side: trained in full
+    stateless = plan_matrices(["a", "b"], [(256, 64)] * 2, [0, 0], 0.25, None, 16)
+    assert [p.rank for p in stateless] == [0, 0]  # plain SGD keeps nothing: nothing to save by projecting
 
 
-def _cmd(model, base=torch.optim.SGD, **kwargs):
+def _cmd(model, base=torch.optim.SGD, switch_after=30, **kwargs):
     settings = dict(lr=0.05, momentum=0.9) if base is torch.optim.SGD else dict(lr=1e-3)
     settings.update(kwargs)
-    return CMDOptimizer(model, base=base, switch_after=30, snapshot_every=10, **settings)
+    return CMDOptimizer(model, base=base, switch_after=switch_after, **settings)
 
 
-def test_within_a_window_each_matrix_moves_in_its_rank_r_subspace(digits):
-    model = mlp(hidden=32)
-    optimizer = _cmd(model, reduction=LowRank(refresh_every=50))
+def test_with_plain_sgd_the_residual_makes_the_reduced_phase_plain_sgd(digits):
+    model, reference = mlp(hidden=64), mlp(hidden=64)
+    optimizer = _cmd(model, lr=0.05, momentum=0.0, reduction=LowRank(rank=6, refresh_every=7))
+    train(model, optimizer, digits, 50)
+    train(reference, torch.optim.SGD(reference.parameters(), lr=0.05), digits, 50)
+    assert optimizer.phase == "reduced" and any(plan.projected for plan in optimizer.reduced_phase.plans)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def test_without_the_residual_each_matrix_moves_inside_its_basis(digits):
+    model = mlp(hidden=64)
+    optimizer = _cmd(model, reduction=LowRank(refresh_every=50, residual=False))
     train(model, optimizer, digits, 30)
-    assert optimizer.snapshot_bytes == 0 and optimizer.phase == "reduced"  # it needs no snapshots
-    at_switch = [p.detach().clone() for p in model.parameters()]
+    assert optimizer.snapshot_bytes == 0  # it records nothing in the warm-up
+    phase = optimizer.reduced_phase
+    before = [p.detach().clone() for p in phase.projected]
     train(model, optimizer, digits, 45, start=30)
-    phase = optimizer._phase
-    for p, before, (u, v), rank in zip(phase.matrices, [at_switch[0], at_switch[2], at_switch[4]], phase.directions,
-                                       phase.ranks):
-        change = (p.detach() - before).reshape(u.shape[0], v.shape[0])
-        torch.testing.assert_close(u @ (u.T @ change @ v) @ v.T, change, atol=1e-5, rtol=1e-4)  # inside U . V^T
-        assert torch.linalg.matrix_rank(change) <= rank
-    biases = [at_switch[1], at_switch[3], at_switch[5]]
-    assert all(not torch.equal(b, p) for b, p in zip(biases, [model[0].bias, model[2].bias, model[4].bias]))
-    total = sum(p.numel() for p in model.parameters())
-    assert optimizer.trainable_dims <= 0.05 * total  # a model under 100K parameters: 5%
+    for index, (p, start) in enumerate(zip(phase.projected, before)):
+        change = (p.detach() - start).reshape(phase.map.entries[index].shape)
+        inside = phase.map.lift(index, phase.map.project(index, change))
+        torch.testing.assert_close(inside, change, atol=1e-5, rtol=1e-4)
+    biases = [model[0].bias, model[2].bias]
+    assert all(p.grad is not None for p in biases)
 
 
-def test_a_refresh_takes_the_top_directions_of_the_decayed_gradient_sum_and_rotates_the_state(digits):
-    model = mlp(hidden=32)
-    optimizer = _cmd(model, reduction=LowRank(refresh_every=5, memory=0.5))
-    train(model, optimizer, digits, 34)  # 4 reduced steps: the window is not over
-    phase = optimizer._phase
-    core = phase.cores[1]
-    momentum = optimizer.inner_optimizer.state[core]["momentum_buffer"].clone()
-    old_u, old_v = phase.directions[1]
-    sums = phase.sums[1].float().clone()
-    train(model, optimizer, digits, 35, start=34)  # the fifth: refresh
-    grad = model[2].weight.grad.reshape(sums.shape)
-    expected = torch.linalg.svd((sums + grad.to(torch.bfloat16).float()).double())
-    new_u, new_v = phase.directions[1]
-    rank = phase.ranks[1]
-    torch.testing.assert_close((new_u.T.double() @ expected.U[:, :rank]).abs().sum(0), torch.ones(rank).double(),
+def test_a_refresh_takes_the_top_directions_of_its_step_gradient_and_rotates_the_momentum(digits):
+    model = mlp(hidden=64)
+    optimizer = _cmd(model, reduction=LowRank(refresh_every=5))
+    train(model, optimizer, digits, 35)  # five reduced steps: the next one refreshes
+    phase = optimizer.reduced_phase
+    assert phase.window_steps == 0 and phase.refreshes == 1
+    index = 1  # the 64 x 64 hidden layer
+    p = phase.projected[index]
+    momentum = optimizer.inner_optimizer.state[phase.cores[index]]["momentum_buffer"].clone()
+    old = phase.map.bases[index].clone()
+    x, y = digits[0][:64], digits[1][:64]
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    grad = p.grad.detach().clone()
+    optimizer.step()
+    new = phase.map.bases[index]
+    rank = new.shape[1]
+    expected = torch.linalg.svd(grad.double() if p.shape[0] <= p.shape[1] else grad.double().T).U[:, :rank]
+    torch.testing.assert_close((new.double().T @ expected).abs().sum(0), torch.ones(rank, dtype=torch.double),
                                atol=0.05, rtol=0)  # the same subspace, up to signs and near-ties
-    assert phase.window_steps == 0 and not core.detach().any()
-    assert torch.allclose(phase.sums[1].float(), (sums + grad.to(torch.bfloat16).float()).to(torch.bfloat16).float()
-                          * 0.5, rtol=1e-2, atol=1e-3)
-    stepped = optimizer.inner_optimizer.state[core]["momentum_buffer"]
-    assert not torch.equal(stepped, momentum)  # re-expressed in the new basis (and one step further)
+    assert not torch.equal(new, old)
+    rotated = (new.T @ old) @ momentum if p.shape[0] <= p.shape[1] else momentum @ (new.T @ old).T
+    low = phase.map.project(index, grad)
+    torch.testing.assert_close(optimizer.inner_optimizer.state[phase.cores[index]]["momentum_buffer"],
+                               0.9 * rotated + low, rtol=1e-4, atol=1e-6)  # rotated, then one step further
 
 
-def test_the_step_ratio_matches_the_first_order_decrease(digits):
-    model = mlp(hidden=32)
-    optimizer = _cmd(model, reduction=LowRank(refresh_every=4, max_step_ratio=10.0))
-    train(model, optimizer, digits, 35)  # a refresh after step 34 measured the ratios; step 35 used them
-    phase = optimizer._phase
-    assert all(1.0 <= r <= 10.0 for r in phase.ratios)
-    full, core = phase.statistics[0]
-    assert full >= core > 0  # a projection never holds more of the gradient than the gradient
-    assert optimizer.inner_optimizer.param_groups[0]["lr"] == pytest.approx(0.05 * phase.ratios[0])
+def test_decoupled_weight_decay_shrinks_the_weights_as_adamw_does(digits):
+    model = mlp(hidden=64)
+    optimizer = _cmd(model, base=torch.optim.AdamW, lr=1e-2, weight_decay=0.5, betas=(0.0, 0.999))
+    train(model, optimizer, digits, 30)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # nothing but the decay moves the weights (no first moment: beta1 = 0)
+    optimizer.step()
+    assert all(group["weight_decay"] == 0.0 for group, (_, is_core) in
+               zip(optimizer.inner_optimizer.param_groups, optimizer.reduced_phase._sources) if is_core)
+    for p, start in zip(model.parameters(), before):
+        torch.testing.assert_close(p.detach(), start * (1 - 1e-2 * 0.5), rtol=1e-6, atol=1e-7)
 
 
-def test_sgd_cores_step_as_far_as_the_full_step_adam_cores_decrease_the_loss_as_much(digits):
-    ratios = {}
-    for base in (torch.optim.SGD, torch.optim.AdamW):
-        model = mlp(hidden=32)
-        optimizer = _cmd(model, base=base, reduction=LowRank(refresh_every=4, max_step_ratio=1000.0))
-        train(model, optimizer, digits, 34)
-        full, core = optimizer._phase.statistics[0]
-        ratios[base] = (optimizer._phase.ratios[0], full / core)  # statistics decayed as one: their ratio holds
-    assert ratios[torch.optim.SGD][0] == pytest.approx(ratios[torch.optim.SGD][1] ** 0.5, rel=1e-6)
-    assert ratios[torch.optim.AdamW][0] == pytest.approx(ratios[torch.optim.AdamW][1], rel=1e-6)
+def test_coupled_weight_decay_with_plain_sgd_is_still_plain_sgd(digits):
+    model, reference = mlp(hidden=64), mlp(hidden=64)
+    optimizer = _cmd(model, lr=0.05, momentum=0.0, weight_decay=1e-2, reduction=LowRank(rank=6, refresh_every=7))
+    train(model, optimizer, digits, 45)
+    train(reference, torch.optim.SGD(reference.parameters(), lr=0.05, weight_decay=1e-2), digits, 45)
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
-def test_refreshes_draw_from_their_own_generator_and_replicas_agree(digits):
-    """The range finder's random matrix is seeded by the refresh and the shape: two runs from the same
-    start get the same directions whatever the global RNG does, and the global RNG is not consumed."""
-    results = []
-    for noise in (0, 1):
-        model = mlp(hidden=64)
-        optimizer = _cmd(model, reduction=LowRank(refresh_every=3, budget=0.01))
+def test_the_switch_report_and_the_public_view_list_every_matrix(digits):
+    model = mlp(hidden=64)
+    optimizer = _cmd(model, base=torch.optim.AdamW)
+    train(model, optimizer, digits, 30)
+    report = optimizer.switch_report
+    assert [m["name"] for m in report["matrices"]] == ["0.weight", "2.weight", "4.weight"]
+    assert [m["rank"] for m in report["matrices"]] == optimizer.reduced_phase.ranks
+    assert report["matrices"][2]["rank"] == 0  # the 10-row head trains in full
+    assert report["state_bytes"] == optimizer.state_bytes
+    full_adamw = 8 * sum(p.numel() for p in model.parameters())
+    assert optimizer.state_bytes < 0.35 * full_adamw
+
+
+def test_a_share_too_small_for_useful_ranks_is_warned_about(digits):
+    model = mlp(hidden=64)
+    optimizer = _cmd(model, reduction=LowRank(state_share=0.01))
+    with pytest.warns(RuntimeWarning, match=r"gives 2 matrices a rank below 4 \(0.weight, 2.weight\)"):
         train(model, optimizer, digits, 30)
-        torch.manual_seed(noise)  # the user's RNG differs between the runs
-        state = torch.random.get_rng_state()
-        train(model, optimizer, digits, 40, start=30)  # three refreshes
-        assert torch.equal(torch.random.get_rng_state(), state)
-        assert optimizer._phase.ranks[0] * 4 < 64  # the randomised path, not the exact SVD
-        results.append([u.clone() for u, _ in optimizer._phase.directions])
-    assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
 class _Tagger(nn.Module):
@@ -115,9 +136,9 @@ class _Tagger(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.vocabulary = nn.Embedding(2000, 16)
-        self.kinds = nn.Embedding(4, 16)
-        self.head = nn.Linear(16, 3)
+        self.vocabulary = nn.Embedding(2000, 32)
+        self.kinds = nn.Embedding(4, 32)
+        self.head = nn.Linear(32, 3)
 
     def forward(self, tokens):
         return self.head(self.vocabulary(tokens) + self.kinds(tokens % 4))
@@ -132,50 +153,23 @@ def _tagger_steps(model, optimizer, steps, start=0):
         optimizer.step()
 
 
-@pytest.mark.parametrize("given", ["module", "named groups"])
-def test_an_embedding_that_the_warm_up_used_sparsely_is_frozen_and_a_dense_one_trains(given):
+def test_a_sparsely_used_embedding_keeps_training_only_in_the_rows_it_uses():
     model = _Tagger()
-    source = model if given == "module" else [{"params": list(model.named_parameters())}]  # as the Trainer passes
-    optimizer = CMDOptimizer(source, base=torch.optim.AdamW, lr=1e-2, switch_after=30, reduction="lowrank")
+    optimizer = CMDOptimizer(model, base=torch.optim.AdamW, lr=1e-2, weight_decay=0.0, switch_after=30)
     _tagger_steps(model, optimizer, 30)
-    vocabulary, kinds = model.vocabulary.weight.detach().clone(), model.kinds.weight.detach().clone()
+    vocabulary = model.vocabulary.weight.detach().clone()
     _tagger_steps(model, optimizer, 40, start=30)
-    phase = optimizer._phase
-    assert [p is model.vocabulary.weight for p in phase.matrices] == [False, False]  # kinds and head train
-    assert phase.frozen == [0] and torch.equal(model.vocabulary.weight, vocabulary)
-    assert not torch.equal(model.kinds.weight, kinds)
-    assert optimizer.trainable_dims == sum(r * r for r in phase.ranks) + 3  # + the head's bias
-    never = CMDOptimizer(_Tagger(), base=torch.optim.AdamW, lr=1e-2, switch_after=30,
-                         reduction=LowRank(freeze_sparse_below=0))
-    assert never._setup.watched_matrices == []
-
-
-def test_a_resume_inside_the_marking_window_freezes_the_same_embeddings():
-    def run(resume_at=None):
-        model = _Tagger()
-        optimizer = CMDOptimizer(model, base=torch.optim.AdamW, lr=1e-2, switch_after=30, reduction="lowrank")
-        _tagger_steps(model, optimizer, resume_at or 40)
-        if resume_at is not None:
-            state = optimizer.state_dict()
-            assert "touched_rows" in state["cmd"]
-            resumed = CMDOptimizer(model, base=torch.optim.AdamW, lr=1e-2, switch_after=30, reduction="lowrank")
-            resumed.load_state_dict(state)
-            optimizer = resumed
-            _tagger_steps(model, optimizer, 40, start=resume_at)
-        return model, optimizer
-
-    reference, expected = run()
-    resumed_model, resumed = run(resume_at=25)
-    assert resumed._phase.frozen == expected._phase.frozen == [0]
-    for a, b in zip(reference.parameters(), resumed_model.parameters()):
-        assert torch.equal(a, b)
+    moved = (model.vocabulary.weight.detach() != vocabulary).any(dim=1)
+    assert bool(moved[:150].all()) and not bool(moved[150:].any())  # the rows in use train, the rest stay
+    assert optimizer.reduced_phase.plans[0].projected  # (2000, 32): a basis of the 32-wide side
 
 
 def test_lbfgs_is_refused_with_the_alternative_named():
-    with pytest.raises(ValueError, match="LBFGS takes a single group: use reduction='modes'"):
+    with pytest.raises(ValueError, match="reduction='lowrank' cannot run with LBFGS.*use reduction='modes'"):
         CMDOptimizer(mlp(hidden=8), base=torch.optim.LBFGS, reduction="lowrank", switch_after=5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.AdamW])
 def test_on_mnist1d_it_keeps_learning_where_the_modes_stall(base):
     """The model at the switch, full training, the paper's mode reduction and the low-rank one, one seed."""
@@ -185,8 +179,8 @@ def test_on_mnist1d_it_keeps_learning_where_the_modes_stall(base):
 
     def cnn():
         torch.manual_seed(0)
-        return nn.Sequential(nn.Conv1d(1, 16, 5, padding=2), nn.ReLU(), nn.Conv1d(16, 16, 5, padding=2), nn.ReLU(),
-                             nn.Flatten(), nn.Linear(16 * 40, 10))
+        return nn.Sequential(nn.Conv1d(1, 32, 5, padding=2), nn.ReLU(), nn.Conv1d(32, 32, 5, padding=2), nn.ReLU(),
+                             nn.Flatten(), nn.Linear(32 * 40, 10))
 
     @torch.no_grad()
     def test_loss(model):
@@ -198,10 +192,30 @@ def test_on_mnist1d_it_keeps_learning_where_the_modes_stall(base):
         if name in ("switch", "full"):
             train(model, base(model.parameters(), **kwargs), data, 400 if name == "switch" else 800, batch=128)
         else:
-            optimizer = CMDOptimizer(model, base=base, reduction=name, switch_after=400, snapshot_every=20, **kwargs)
+            extra = dict(snapshot_every=20) if name == "modes" else {}
+            optimizer = CMDOptimizer(model, base=base, reduction=name, switch_after=400, **kwargs, **extra)
             train(model, optimizer, data, 800, batch=128)
-            assert optimizer.trainable_dims <= 0.05 * sum(p.numel() for p in model.parameters())
         results[name] = (accuracy(model, data), test_loss(model))
     gain = results["full"][0] - results["switch"][0]
-    assert results["lowrank"][0] - results["switch"][0] > 0.6 * gain, results
+    assert results["lowrank"][0] - results["switch"][0] > 0.8 * gain, results
     assert results["lowrank"][0] > results["modes"][0] + 0.01, results
+
+
+def test_a_resumed_low_rank_state_continues_bit_identically(digits):
+    def run(stop=None):
+        model = mlp(hidden=64)
+        optimizer = _cmd(model, base=torch.optim.AdamW, reduction=LowRank(refresh_every=4))
+        train(model, optimizer, digits, stop or 50)
+        if stop is not None:
+            state = roundtrip({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+            model = mlp(hidden=64)
+            model.load_state_dict(state["model"])
+            optimizer = _cmd(model, base=torch.optim.AdamW, reduction=LowRank(refresh_every=4))
+            optimizer.load_state_dict(state["optimizer"])
+            train(model, optimizer, digits, 50, start=stop)
+        return model
+
+    reference = run()
+    for stop in (20, 30, 37, 42):  # warm-up, the switch, mid-window, right after a refresh
+        resumed = run(stop)
+        assert all(torch.equal(p, q) for p, q in zip(reference.parameters(), resumed.parameters())), stop

@@ -3,10 +3,9 @@
  *
  * mode_sums    out[bin] += sum over i of u[i] * g[i], bins[i] = bin     (one pass; per-thread histograms)
  * lift         w[i] += u[i] * table[bins[i]]                            (one pass)
- * accumulate   acc[i] = bf16(float(acc[i]) + float(bf16(g[i])))          (one pass, also sum |g| and sum g^2)
  *
  * Gradients may be float32, bfloat16 or float16 (dtype codes 0, 1, 2); u, w and table are float32, bins
- * uint8, acc bfloat16. Pointers arrive as Python integers (tensor.data_ptr()), counts as int64. The GIL is
+ * uint8. Pointers arrive as Python integers (tensor.data_ptr()), counts as int64. The GIL is
  * released while a kernel runs.
  */
 #define PY_SSIZE_T_CLEAN
@@ -25,14 +24,6 @@ static inline float bf16_to_float(uint16_t h) {
     float f;
     memcpy(&f, &bits, 4);
     return f;
-}
-
-static inline uint16_t float_to_bf16(float f) { /* round to nearest even, NaN kept quiet */
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x0040u);
-    bits += 0x7fffu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
 }
 
 static inline float f16_to_float(uint16_t h) {
@@ -104,26 +95,6 @@ static void lift(float *w, const float *u, const uint8_t *bins, const float *tab
     for (int64_t i = 0; i < n; ++i) w[i] += u[i] * table[bins[i]];
 }
 
-static void accumulate(uint16_t *acc, const void *g, int dtype, int64_t n, double *sums, int threads) {
-    int team = threads_for(n, threads);
-    double absolute = 0.0, square = 0.0;
-#pragma omp parallel for schedule(static) num_threads(team) if (team > 1) reduction(+ : absolute, square)
-    for (int64_t start = 0; start < n; start += BLOCK) {
-        int64_t end = start + BLOCK < n ? start + BLOCK : n;
-        float block_abs = 0.0f, block_square = 0.0f;
-        for (int64_t i = start; i < end; ++i) {
-            float value = load(g, dtype, i);
-            block_abs += value < 0 ? -value : value;
-            block_square += value * value;
-            acc[i] = float_to_bf16(bf16_to_float(acc[i]) + bf16_to_float(float_to_bf16(value)));
-        }
-        absolute += block_abs;
-        square += block_square;
-    }
-    sums[0] += absolute;
-    sums[1] += square;
-}
-
 static PyObject *py_mode_sums(PyObject *self, PyObject *args) {
     unsigned long long u, g, bins, out;
     long long n;
@@ -150,21 +121,6 @@ static PyObject *py_lift(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *py_accumulate(PyObject *self, PyObject *args) {
-    unsigned long long acc, g, sums;
-    long long n;
-    int dtype, threads;
-    if (!PyArg_ParseTuple(args, "KKiLKi", &acc, &g, &dtype, &n, &sums, &threads)) return NULL;
-    if (dtype < 0 || dtype > 2) {
-        PyErr_SetString(PyExc_ValueError, "accumulate: dtype must be in {0, 1, 2}");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    accumulate((uint16_t *)acc, (const void *)g, dtype, n, (double *)sums, threads);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
 static PyObject *py_openmp(PyObject *self, PyObject *args) {
 #ifdef _OPENMP
     Py_RETURN_TRUE;
@@ -176,7 +132,6 @@ static PyObject *py_openmp(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"mode_sums", py_mode_sums, METH_VARARGS, "out[bin] += sum of u * g per bin (pointers, counts)"},
     {"lift", py_lift, METH_VARARGS, "w += u * table[bin] (pointers, counts)"},
-    {"accumulate", py_accumulate, METH_VARARGS, "bfloat16 acc += g, and sum |g|, sum g^2 (pointers, counts)"},
     {"openmp", py_openmp, METH_NOARGS, "whether the kernels were built with OpenMP"},
     {NULL, NULL, 0, NULL},
 };

@@ -1,5 +1,4 @@
-"""The mode map's two passes (and the low-rank reduction's gradient sum) through the C extension
-(``_native``), over the packed blocks' memory.
+"""The mode map's two passes through the C extension (``_native``), over the packed blocks' memory.
 
 Each packed member is handed to the C kernel as a pointer into its block's slopes and bins and a length,
 with its gradient or weight: no gather into scratch buffers, one pass each way, OpenMP threads (the
@@ -13,7 +12,7 @@ import torch
 from . import _native
 from .packed import PackedBlocks
 
-__all__ = ["DTYPE_CODES", "accumulate", "lift_", "mode_sums", "supports"]
+__all__ = ["DTYPE_CODES", "lift_", "mode_sums", "supports"]
 
 #: The C kernels' gradient dtype codes.
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -55,14 +54,3 @@ def _pieces(packed: PackedBlocks, tensors):
             if tensors[member] is not None and size:
                 yield block, offset, size, tensors[member]
             offset += size
-
-
-def accumulate(total: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
-    """``total += grad`` for a bfloat16 ``total`` (the gradient rounded to bfloat16 first, as
-    ``total.add_(grad.to(torch.bfloat16))`` does), in one pass that also returns ``sum |grad|`` and
-    ``sum grad^2``."""
-    grad = grad.reshape(-1).contiguous()
-    sums = torch.zeros(2, dtype=torch.float64)
-    _native.accumulate(total.data_ptr(), grad.data_ptr(), DTYPE_CODES[grad.dtype], grad.numel(), sums.data_ptr(),
-                       torch.get_num_threads())
-    return float(sums[0]), float(sums[1])

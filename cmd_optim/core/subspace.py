@@ -1,0 +1,224 @@
+"""One-sided subspaces of weight matrices: the math of the low-rank reduction, apart from any optimizer.
+
+For a matrix W of shape (m, n) the basis ``P`` holds r orthonormal directions of its shorter side
+d = min(m, n) (the *projected side*; the longer one, D = max(m, n), is kept whole):
+
+- ``left``  (m <= n): P is (m, r); a gradient G projects to ``P^T G`` (r, n) and a low-rank step L lifts to ``P L``.
+- ``right`` (m > n):  P is (n, r); G projects to ``G P`` (m, r) and L lifts to ``L P^T``.
+
+A step of the reduced phase moves W by the lifted step of the core, plus (optionally) the *residual* part of
+the gradient that the subspace misses, ``G - lift(project(G))``, scaled per line of the long side by how much
+the base optimizer scaled that line's projected gradient (the base's step length over the gradient's, so a
+plain SGD step is reproduced exactly). ``refresh`` replaces a basis with the top-r singular directions of a
+source matrix and returns the rotation ``P_new^T P_old`` (r, r) that carries optimizer state across.
+
+Each operation has a ``*_reference`` formula; :func:`apply_step` dispatches to the fused path (one GEMM
+into W instead of two and no (m, n) temporary for the residual) or the reference, and the tests hold the
+fused path to the reference.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["KERNELS", "SubspaceMap", "apply_step", "apply_step_reference", "lift_reference", "project_reference",
+           "residual_scale", "rotate_state", "top_directions"]
+
+KERNELS = ("auto", "fused", "reference")
+
+
+@dataclass
+class _Basis:
+    """The basis of one matrix: shape (m, n), side, and P (d, r) float32."""
+
+    shape: tuple[int, int]
+    left: bool
+    basis: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return self.basis.shape[1]
+
+    @property
+    def core_shape(self) -> tuple[int, int]:
+        m, n = self.shape
+        return (self.rank, n) if self.left else (m, self.rank)
+
+
+def project_reference(basis: torch.Tensor, left: bool, grad: torch.Tensor) -> torch.Tensor:
+    """``P^T G`` (left) or ``G P`` (right), float32."""
+    g = grad.float()
+    return basis.T @ g if left else g @ basis
+
+
+def lift_reference(basis: torch.Tensor, left: bool, low: torch.Tensor) -> torch.Tensor:
+    """``P L`` (left) or ``L P^T`` (right): the (m, n) matrix of a core-shaped ``low``."""
+    return basis @ low if left else low @ basis.T
+
+
+#: how far one line's residual scale may exceed the matrix's (a line whose projected gradient is nearly 0
+#: while the base's step on it is not, e.g. through momentum, would otherwise get an unbounded scale)
+LINE_SCALE_CAP = 2.0
+
+
+def residual_scale(step: torch.Tensor, low_grad: torch.Tensor, left: bool) -> torch.Tensor:
+    """Per line of the long side, ``||step line|| / ||gradient line||``, capped at ``LINE_SCALE_CAP`` times the
+    matrix's ``||step|| / ||gradient||`` (0 where the gradient is 0): (1, n) for a left core (its columns),
+    (m, 1) for a right one (its rows)."""
+    dim = 0 if left else 1
+    tiny = torch.finfo(torch.float32).tiny
+    step_norm = torch.linalg.vector_norm(step, dim=dim, keepdim=True)
+    grad_norm = torch.linalg.vector_norm(low_grad, dim=dim, keepdim=True)
+    whole = torch.linalg.vector_norm(step) / torch.linalg.vector_norm(low_grad).clamp_min(tiny)
+    if LINE_SCALE_CAP == 0:  # (research switch: one scale for the whole matrix)
+        return torch.where(grad_norm > 0, whole, 0.0).expand_as(grad_norm)
+    line = step_norm / grad_norm.clamp_min(tiny)
+    return torch.where(grad_norm > 0, torch.minimum(line, LINE_SCALE_CAP * whole), 0.0)
+
+
+def apply_step_reference(weight: torch.Tensor, basis: torch.Tensor, left: bool, step: torch.Tensor,
+                         grad: torch.Tensor | None = None, low_grad: torch.Tensor | None = None) -> None:
+    """``W += lift(step)``, and with ``grad``: ``- scale * (G - lift(low_grad))``, ``scale`` from
+    :func:`residual_scale` (the part of the gradient outside the subspace, stepped as the base stepped inside)."""
+    move = lift_reference(basis, left, step)
+    if grad is not None:
+        scale = residual_scale(step, low_grad, left)
+        move = move - scale * (grad.float() - lift_reference(basis, left, low_grad))
+    weight.add_(move.view(weight.shape).to(weight.dtype))
+
+
+def _apply_step_fused(weight: torch.Tensor, basis: torch.Tensor, left: bool, step: torch.Tensor,
+                      grad: torch.Tensor | None, low_grad: torch.Tensor | None) -> None:
+    """The same move as the reference, as ``W -= scale * G`` then ``W += lift(step + scale * low_grad)``: one
+    GEMM, written into W itself when it is a contiguous float32 matrix."""
+    core = step
+    if grad is not None:
+        scale = residual_scale(step, low_grad, left)
+        core = torch.addcmul(step, scale, low_grad)
+    target = weight.view(weight.shape[0], -1)
+    if weight.dtype != torch.float32 or not weight.is_contiguous():
+        move = lift_reference(basis, left, core)
+        if grad is not None:
+            move -= scale * grad.reshape(move.shape).float()
+        weight.add_(move.view(weight.shape).to(weight.dtype))
+        return
+    if grad is not None:
+        target.addcmul_(scale, grad.reshape(target.shape).float(), value=-1.0)
+    if left:
+        target.addmm_(basis, core)
+    else:
+        target.addmm_(core, basis.T)
+
+
+def apply_step(weight: torch.Tensor, basis: torch.Tensor, left: bool, step: torch.Tensor,
+               grad: torch.Tensor | None = None, low_grad: torch.Tensor | None = None, kernel: str = "auto") -> None:
+    """Dispatch :func:`apply_step_reference` or its fused twin (``kernel``: one of :data:`KERNELS`)."""
+    if kernel == "reference":
+        apply_step_reference(weight, basis, left, step, grad, low_grad)
+    else:
+        _apply_step_fused(weight, basis, left, step, grad, low_grad)
+
+
+def top_directions(source: torch.Tensor, rank: int, left: bool, seed: int) -> torch.Tensor | None:
+    """Orthonormal (d, rank): the top singular directions of ``source`` (m, n) on its projected side (left:
+    column space, right: row space), or None if ``source`` is zero or not finite. Exact for small matrices;
+    otherwise a randomised range finder with one power iteration, O(m n rank), its Gaussian test matrix drawn
+    from ``seed`` (the global RNG is not touched)."""
+    a = source.float() if left else source.float().T  # (d, D): directions of the rows
+    if not bool(torch.isfinite(a).all()) or not bool(a.abs().amax() > 0):
+        return None
+    d, wide = a.shape
+    if rank * 4 >= d:
+        u = torch.linalg.svd(a, full_matrices=False).U
+        return u[:, :rank].contiguous()
+    k = min(rank + 8, d)
+    test = torch.randn(wide, k, generator=torch.Generator().manual_seed(seed)).to(a.device)
+    q = torch.linalg.qr(a @ test).Q
+    q = torch.linalg.qr(a @ (a.T @ q)).Q
+    u = torch.linalg.svd(q.T @ a, full_matrices=False).U
+    return (q @ u[:, :rank]).contiguous()
+
+
+def rotate_state(value: torch.Tensor, rotation: torch.Tensor, left: bool, second_moment: bool) -> torch.Tensor:
+    """A core-shaped optimizer state tensor re-expressed in a new basis (``rotation = P_new^T P_old``): first
+    moments move linearly, second moments through the squared rotation (exact if coordinates were independent)."""
+    q = rotation * rotation if second_moment else rotation
+    return q @ value if left else value @ q.T
+
+
+class SubspaceMap:
+    """The bases of a list of matrices (shapes (m_i, n_i), ranks r_i <= min(m_i, n_i)).
+
+    ``bases`` are given (restored state) or start as None until :meth:`refresh` finds them; ``seed`` makes
+    every refresh's random test matrix a function of (seed, refresh count, matrix index).
+    """
+
+    def __init__(self, shapes: Sequence[tuple[int, int]], ranks: Sequence[int], device: torch.device,
+                 bases: Sequence[torch.Tensor] | None = None, seed: int = 0, kernel: str = "auto") -> None:
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        self.kernel, self.seed = kernel, seed
+        self.entries: list[_Basis] = []
+        for index, ((m, n), r) in enumerate(zip(shapes, ranks)):
+            left = m <= n
+            d = min(m, n)
+            if not 1 <= r <= d:
+                raise ValueError(f"rank {r} of matrix {index} ({m} x {n}) must be in [1, {d}]")
+            basis = bases[index] if bases is not None else _identity_columns(d, r, device)
+            if tuple(basis.shape) != (d, r):
+                raise ValueError(f"the basis of matrix {index} must be ({d}, {r}), got {tuple(basis.shape)}")
+            self.entries.append(_Basis((m, n), left, basis.to(device, torch.float32).contiguous()))
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def bases(self) -> list[torch.Tensor]:
+        return [e.basis for e in self.entries]
+
+    def core_shape(self, index: int) -> tuple[int, int]:
+        return self.entries[index].core_shape
+
+    def project(self, index: int, grad: torch.Tensor) -> torch.Tensor:
+        e = self.entries[index]
+        return project_reference(e.basis, e.left, grad.reshape(e.shape))
+
+    def lift(self, index: int, low: torch.Tensor) -> torch.Tensor:
+        e = self.entries[index]
+        return lift_reference(e.basis, e.left, low)
+
+    def apply(self, index: int, weight: torch.Tensor, step: torch.Tensor, grad: torch.Tensor | None = None,
+              low_grad: torch.Tensor | None = None) -> None:
+        """Move ``weight`` by the lifted ``step`` (and the scaled residual of ``grad``, see the module)."""
+        e = self.entries[index]
+        apply_step(weight, e.basis, e.left, step, None if grad is None else grad.reshape(e.shape), low_grad,
+                   self.kernel)
+
+    def refresh(self, index: int, source: torch.Tensor, count: int) -> torch.Tensor | None:
+        """New directions for matrix ``index`` from ``source`` (m, n); the rotation ``P_new^T P_old`` (r, r), or
+        None (basis kept) if ``source`` has no signal."""
+        e = self.entries[index]
+        seed = (self.seed * 1_000_003 + count) * 1009 + index
+        found = top_directions(source.reshape(e.shape), e.rank, e.left, seed)
+        if found is None:
+            return None
+        rotation = found.T @ e.basis
+        e.basis = found
+        return rotation
+
+    def rotate(self, index: int, value: torch.Tensor, rotation: torch.Tensor, second_moment: bool) -> torch.Tensor:
+        return rotate_state(value, rotation, self.entries[index].left, second_moment)
+
+    def carry(self, index: int, value: torch.Tensor, second_moment: bool) -> torch.Tensor:
+        """A full (m, n) optimizer state tensor expressed in the core: projected (first moments) or through
+        the squared basis (second moments)."""
+        e = self.entries[index]
+        basis = e.basis * e.basis if second_moment else e.basis
+        return project_reference(basis, e.left, value.reshape(e.shape))
+
+
+def _identity_columns(d: int, r: int, device) -> torch.Tensor:
+    return torch.eye(d, r, device=device)

@@ -1,0 +1,116 @@
+"""The one-sided subspace map: its fused step against the readable reference, refreshes and rotations."""
+
+import pytest
+import torch
+
+from cmd_optim.core import SubspaceMap
+from cmd_optim.core.subspace import (
+    apply_step,
+    apply_step_reference,
+    lift_reference,
+    project_reference,
+    residual_scale,
+    rotate_state,
+    top_directions,
+)
+
+
+def _orthonormal(d, r, seed):
+    return torch.linalg.qr(torch.randn(d, r, generator=torch.Generator().manual_seed(seed))).Q
+
+
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6)])
+@pytest.mark.parametrize("residual", [False, True])
+def test_the_fused_step_is_the_reference_step(shape, residual):
+    m, n = shape
+    left = m <= n
+    gen = torch.Generator().manual_seed(1)
+    basis = _orthonormal(min(m, n), 3, 2)
+    grad = torch.randn(m, n, generator=gen)
+    low = project_reference(basis, left, grad)
+    step = -0.1 * torch.sign(low) * torch.rand(low.shape, generator=gen)
+    weight = torch.randn(m, n, generator=gen)
+    expected, fused = weight.clone(), weight.clone()
+    apply_step_reference(expected, basis, left, step, grad if residual else None, low if residual else None)
+    apply_step(fused, basis, left, step, grad if residual else None, low if residual else None, kernel="fused")
+    torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-6)
+    moved = (expected - weight)
+    inside = lift_reference(basis, left, project_reference(basis, left, moved))
+    if residual:
+        assert not torch.allclose(inside, moved, atol=1e-5)  # the residual leaves the subspace
+    else:
+        torch.testing.assert_close(inside, moved, atol=1e-6, rtol=1e-5)  # a move inside span(P)
+
+
+def test_the_residual_scale_reproduces_a_plain_sgd_step():
+    """With step = -lr * projected gradient, the move is exactly -lr * G: nothing of the gradient is lost."""
+    gen = torch.Generator().manual_seed(3)
+    for shape in ((5, 12), (12, 5)):
+        m, n = shape
+        left = m <= n
+        basis = _orthonormal(min(m, n), 2, 4)
+        grad, weight = torch.randn(m, n, generator=gen), torch.zeros(m, n)
+        low = project_reference(basis, left, grad)
+        apply_step(weight, basis, left, -0.3 * low, grad, low)
+        torch.testing.assert_close(weight, -0.3 * grad, rtol=1e-5, atol=1e-6)
+        scale = residual_scale(-0.3 * low, low, left)
+        assert scale.shape == ((1, n) if left else (m, 1))
+
+
+def test_a_zero_gradient_line_gets_no_residual_and_no_nan():
+    basis = _orthonormal(4, 2, 0)
+    grad = torch.zeros(4, 6)
+    low = project_reference(basis, True, grad)
+    weight = torch.ones(4, 6)
+    apply_step(weight, basis, True, torch.zeros_like(low), grad, low)
+    assert torch.equal(weight, torch.ones(4, 6))
+
+
+@pytest.mark.parametrize("left", [True, False])
+def test_top_directions_span_the_dominant_subspace_exactly_or_by_the_range_finder(left):
+    gen = torch.Generator().manual_seed(5)
+    u, v = _orthonormal(60, 3, 6), _orthonormal(80, 3, 7)
+    source = u @ torch.diag(torch.tensor([10.0, 5.0, 2.0])) @ v.T + 1e-3 * torch.randn(60, 80, generator=gen)
+    source = source if left else source.T
+    truth = u
+    for rank in (3, 2):  # 3 * 4 < 60: the randomised path; both find the planted directions
+        found = top_directions(source, rank, left, seed=1)
+        assert found.shape == (60, rank)
+        torch.testing.assert_close(found.T @ found, torch.eye(rank), atol=1e-5, rtol=0)
+        assert float(torch.linalg.matrix_norm(truth @ (truth.T @ found) - found)) < 1e-2
+    assert top_directions(torch.zeros(5, 7), 2, True, seed=0) is None
+    assert top_directions(torch.full((5, 7), float("nan")), 2, True, seed=0) is None
+
+
+def test_refreshes_are_seeded_and_leave_the_global_rng_alone():
+    source = torch.randn(200, 300, generator=torch.Generator().manual_seed(0))
+    bases = []
+    for noise in (0, 1):
+        torch.manual_seed(noise)
+        state = torch.random.get_rng_state()
+        subspaces = SubspaceMap([(200, 300)], [8], torch.device("cpu"), seed=3)
+        subspaces.refresh(0, source, count=2)
+        assert torch.equal(torch.random.get_rng_state(), state)
+        bases.append(subspaces.bases[0])
+    assert torch.equal(*bases)
+
+
+def test_a_rotation_carries_a_first_moment_exactly_when_the_new_basis_spans_the_old():
+    old = _orthonormal(10, 3, 1)
+    mixing = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(2))).Q
+    new = old @ mixing  # the same subspace, other coordinates
+    moment = torch.randn(3, 7)
+    rotation = new.T @ old
+    rotated = rotate_state(moment, rotation, left=True, second_moment=False)
+    torch.testing.assert_close(new @ rotated, old @ moment, atol=1e-5, rtol=1e-5)  # the same full-space moment
+    second = rotate_state(moment.square(), rotation, left=True, second_moment=True)
+    assert bool((second >= 0).all())
+
+
+def test_the_map_refuses_ranks_and_bases_that_do_not_fit():
+    with pytest.raises(ValueError, match=r"rank 5 of matrix 0 \(4 x 9\) must be in \[1, 4\]"):
+        SubspaceMap([(4, 9)], [5], torch.device("cpu"))
+    with pytest.raises(ValueError, match=r"the basis of matrix 0 must be \(4, 2\)"):
+        SubspaceMap([(4, 9)], [2], torch.device("cpu"), bases=[torch.zeros(9, 2)])
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        SubspaceMap([(4, 9)], [2], torch.device("cpu"), kernel="cuda")
