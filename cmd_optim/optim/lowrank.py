@@ -276,16 +276,17 @@ class LowRankPhase:
 
     # ------------------------------------------------------------------ stepping
     def step(self, loss, closure: Callable | None) -> bool:
-        grads = self._low_gradients()
+        full_grads = [self._gradient(index) for index in range(len(self.projected))]  # once per step
+        grads = self._low_gradients(full_grads)
         if grads is None:
             return False
         if self.window_steps == 0 and self.refreshes and any(g is not None for g in grads):
-            grads = self._refresh()
+            grads = self._refresh(full_grads)
         for core, low in zip(self.cores, grads):
             core.grad = low
         self._sync_hyperparameters()
         guarded_step(self.optimizer, loss, closure, [p for g in self.optimizer.param_groups for p in g["params"]])
-        self._follow(grads)
+        self._follow(full_grads, grads)
         self.window_steps = (self.window_steps + 1) % self.settings.refresh_every
         if self.window_steps == 0:
             self.refreshes += 1  # the next step renews the bases from its gradient
@@ -303,22 +304,18 @@ class LowRankPhase:
         return p.grad
 
     @torch.no_grad()
-    def _low_gradients(self) -> list[torch.Tensor | None] | None:
+    def _low_gradients(self, full_grads: list[torch.Tensor | None]) -> list[torch.Tensor | None] | None:
         """Each core's gradient (projected); None (nothing changed) if one, or a full gradient, is not finite."""
-        grads = []
-        for index in range(len(self.projected)):
-            g = self._gradient(index)
-            grads.append(None if g is None else self.map.project(index, g))
+        grads = [None if g is None else self.map.project(index, g) for index, g in enumerate(full_grads)]
         if not self.setup.all_finite([*grads, *(p.grad for p in self.full)]):
             return None
         return grads
 
     @torch.no_grad()
-    def _refresh(self) -> list[torch.Tensor | None]:
+    def _refresh(self, full_grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """New bases from this step's gradients, the cores' state rotated into them; the new projections."""
         grads = []
-        for index, core in enumerate(self.cores):
-            g = self._gradient(index)
+        for index, (core, g) in enumerate(zip(self.cores, full_grads)):
             if g is None:
                 grads.append(None)
                 continue
@@ -338,7 +335,7 @@ class LowRankPhase:
                 inner["weight_decay"] = 0.0
 
     @torch.no_grad()
-    def _follow(self, grads: list[torch.Tensor | None]) -> None:
+    def _follow(self, full_grads: list[torch.Tensor | None], grads: list[torch.Tensor | None]) -> None:
         """Move each projected matrix by its core's step (and the residual), then set the core back to 0. A step
         that is not finite anywhere is refused whole (one host sync for every core)."""
         steps = [core.detach() for core in self.cores]
@@ -347,15 +344,14 @@ class LowRankPhase:
                 core.zero_()
             return
         name = self.setup.make_base.optimizer_name
-        for index, (p, core, low) in enumerate(zip(self.projected, self.cores, grads)):
+        for index, (p, core, full, low) in enumerate(zip(self.projected, self.cores, full_grads, grads)):
             if low is None:
                 continue
             visible = self.setup.params.groups[self._group_of[p]]
             decay = visible.get("weight_decay", 0.0)
             if decay and _decoupled(visible, name):
                 p.mul_(1 - visible["lr"] * decay)
-            residual = self._gradient(index) if self.settings.residual else None
-            self.map.apply(index, p.data, core.detach(), residual, low)
+            self.map.apply(index, p.data, core.detach(), full if self.settings.residual else None, low)
             core.zero_()
 
     def after_step(self, steps_taken: int) -> None:
