@@ -24,10 +24,7 @@ def loaders(args):
     from torchvision import transforms
 
     if args.fake:
-        gen = torch.Generator().manual_seed(0)
-        make = lambda n: torch.utils.data.TensorDataset(  # noqa: E731
-            torch.randn(n, 3, 32, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen))
-        train, test = make(args.fake_size), make(args.fake_size // 2)
+        train, test = fake_cifar(args.fake_size, 0), fake_cifar(args.fake_size // 2, 1)
     else:
         normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
         augment = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
@@ -38,6 +35,15 @@ def loaders(args):
     gen = torch.Generator().manual_seed(args.seed)
     return (torch.utils.data.DataLoader(train, batch_size=args.batch, shuffle=True, generator=gen, drop_last=True),
             torch.utils.data.DataLoader(test, batch_size=256))
+
+
+def fake_cifar(n: int, seed: int) -> torch.utils.data.TensorDataset:
+    """``n`` images of CIFAR-10's shape (3, 32, 32): noise plus one of 10 fixed class patterns (learnable, so
+    that a smoke run can show that training works), labels int64 in [0, 10)."""
+    patterns = torch.randn(10, 3, 32, 32, generator=torch.Generator().manual_seed(1234))
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 10, (n,), generator=gen)
+    return torch.utils.data.TensorDataset(torch.randn(n, 3, 32, 32, generator=gen) + patterns[labels], labels)
 
 
 def resnet18() -> nn.Module:
@@ -78,16 +84,17 @@ def run(method: str, args, train, test, device) -> dict:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+    reached = optimizer.phase if isinstance(optimizer, CMDOptimizer) else "full"
     dims = optimizer.trainable_dims if isinstance(optimizer, CMDOptimizer) else sum(p.numel() for p in model.parameters())
     return dict(task="cifar10-resnet18" + ("-fake" if args.fake else ""), method=method, seed=args.seed,
                 test_acc=accuracy(model, test, device), trainable_dims=dims, wall_s=time.perf_counter() - start,
-                optimizer_bytes=optimizer_state_bytes(optimizer))
+                optimizer_bytes=optimizer_state_bytes(optimizer), phase=reached)
 
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/cifar10")
-    parser.add_argument("--fake", action="store_true", help="random tensors of CIFAR-10's shape (no download)")
+    parser.add_argument("--fake", action="store_true", help="noisy class patterns of CIFAR-10's shape (no download)")
     parser.add_argument("--fake-size", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=150)
     parser.add_argument("--warmup-epochs", type=int, default=20)

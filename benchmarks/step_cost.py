@@ -67,8 +67,11 @@ def _fill_grads(params, seed: int) -> None:
             p.grad[16:] = 0
 
 
-def _reduced(params, base, **kwargs) -> CMDOptimizer:
-    optimizer = CMDOptimizer(params, base=base, modes=10, reduction="modes", switch_after=2, snapshot_every=1, **kwargs)
+def _reduced(params, base, reduction=None, **kwargs) -> CMDOptimizer:
+    """A CMDOptimizer past its switch (two warm-up steps); the mode reduction with 10 modes, a snapshot a step."""
+    if reduction == "modes":
+        kwargs.update(modes=10, snapshot_every=1)
+    optimizer = CMDOptimizer(params, base=base, reduction=reduction, switch_after=2, **kwargs)
     for seed in range(2):
         _fill_grads(params, seed)
         optimizer.step()

@@ -98,7 +98,7 @@ class CMDOptimizer(torch.optim.Optimizer):
                             "with fully_shard, or keep the unsharded ones free (keep_free)")
         make_base = BaseFactory(base, base_kwargs)
         if chosen is None:
-            chosen = choose_default(make_base.optimizer_name, all(sharded))
+            chosen = choose_default(make_base.optimizer_name, all(sharded), shortcuts)
         refusal = chosen.refusal(make_base.optimizer_name, all(sharded))
         if refusal is not None:
             able = [name for name, cls in REDUCTIONS.items()

@@ -106,7 +106,8 @@ def _refuse_unused(cls: type[Reduction], shortcuts: dict) -> None:
 
 def resolve(reduction, shortcuts: dict) -> Reduction | None:
     """The reduction from ``reduction=`` (None, a registered name or an instance) and the top-level shortcuts
-    the user passed (only those given). None: the default, chosen once the base and sharding are known."""
+    the user passed (only those given). None: the default, chosen (and given the shortcuts) by
+    :func:`choose_default` once the base and sharding are known."""
     if isinstance(reduction, Reduction):
         cls = type(reduction)
         _refuse_unused(cls, shortcuts)
@@ -119,13 +120,7 @@ def resolve(reduction, shortcuts: dict) -> Reduction | None:
     if reduction is None:
         if "modes" in shortcuts:  # the design card's line: modes= asks for the paper's mode reduction
             return REDUCTIONS["modes"](**shortcuts)
-        if shortcuts:
-            key = next(iter(shortcuts))
-            users = users_of(key)
-            raise TypeError(f"{key}= is used by reduction {' and '.join(repr(u) for u in users)}, not by the default "
-                            f"reduction ({DEFAULT_ORDER[0]!r}): pass modes= or reduction={users[0]!r} as well, or "
-                            "drop it")
-        return None
+        return None  # the default: choose_default gives it the shortcuts once the base is known
     if isinstance(reduction, str) and reduction in REDUCTIONS:
         cls = REDUCTIONS[reduction]
         _refuse_unused(cls, shortcuts)
@@ -134,10 +129,18 @@ def resolve(reduction, shortcuts: dict) -> Reduction | None:
                      f"got {reduction!r}")
 
 
-def choose_default(base_name: str, sharded: bool) -> Reduction:
-    """The first reduction of :data:`DEFAULT_ORDER` that can run with this base and sharding."""
+def choose_default(base_name: str, sharded: bool, shortcuts: dict | None = None) -> Reduction:
+    """The first reduction of :data:`DEFAULT_ORDER` that can run with this base and sharding, configured by
+    ``shortcuts``; a shortcut it does not take is refused, naming the reductions that do."""
+    shortcuts = shortcuts or {}
     for name in DEFAULT_ORDER:
-        candidate = REDUCTIONS[name]()
-        if candidate.refusal(base_name, sharded) is None:
-            return candidate
+        cls = REDUCTIONS[name]
+        if cls().refusal(base_name, sharded) is None:
+            unused = [key for key in shortcuts if key not in cls.shortcuts]
+            if unused:
+                users = users_of(unused[0])
+                raise TypeError(f"{unused[0]}= is used by reduction {' and '.join(repr(u) for u in users)}, not by "
+                                f"the default reduction here ({name!r}): pass reduction={users[0]!r} as well, or "
+                                "drop it")
+            return cls(**shortcuts)
     raise ValueError(f"no reduction can run with base {base_name} (sharded: {sharded})")
