@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from cmd_optim import LowRank
+
 from . import harness_tasks as tasks
 from . import peers
 from .report import DOC, machine, save_figure
@@ -38,7 +40,11 @@ from .report import DOC, machine, save_figure
 RESULTS = Path(__file__).resolve().parent / "results" / "harness.json"
 
 #: Extra keyword arguments of CMDOptimizer, by row name; add a variant here to run it beside the default.
-CMD_METHODS = {"default": {}, "modes": {"reduction": "modes"}}
+#: The ``lowrank_*`` rows are the research variants the default was chosen against (one setting changed each).
+CMD_METHODS = {"default": {}, "modes": {"reduction": "modes"},
+               "lowrank_no_residual": {"reduction": LowRank(residual=False)},
+               "lowrank_share35": {"reduction": LowRank(state_share=0.35)},
+               "lowrank_refresh25": {"reduction": LowRank(refresh_every=25)}}
 
 
 @dataclass(frozen=True)
