@@ -56,10 +56,12 @@ def finetune(method: str, args, train_data, test_data) -> dict:
     if method == "AdamW":
         optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     else:
-        optimizer = CMDOptimizer(model, base=torch.optim.AdamW, reduction=args.reduction, modes=args.modes,
-                                 switch_after=args.switch_after,
-                                 snapshot_every=args.snapshot_every, keep_free=["classifier.*"],
-                                 snapshot_dtype=torch.float16, lr=args.lr, weight_decay=0.01)
+        # the mode reduction decomposes snapshots of the warm-up; the default low-rank one records nothing
+        decomposition = (dict(modes=args.modes, snapshot_every=args.snapshot_every, snapshot_dtype=torch.float16)
+                         if args.reduction == "modes" else {})
+        optimizer = CMDOptimizer(model, base=torch.optim.AdamW, reduction=args.reduction,
+                                 switch_after=args.switch_after, keep_free=["classifier.*"], lr=args.lr,
+                                 weight_decay=0.01, **decomposition)
     training = TrainingArguments(
         output_dir=str(Path(args.output) / method), max_steps=args.steps, per_device_train_batch_size=32,
         lr_scheduler_type="linear", warmup_steps=args.steps // 10, logging_steps=args.steps // 5,
@@ -85,7 +87,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="all of the data, 4x the steps")
     parser.add_argument("--steps", type=int, help="optimizer steps per method (default 150, --full 600)")
     parser.add_argument("--switch-after", type=int, help="steps before CMD's switch (default: 40%% of the steps)")
-    parser.add_argument("--snapshot-every", type=int, default=5)
+    parser.add_argument("--snapshot-every", type=int, default=5, help="with --reduction modes")
     parser.add_argument("--reduction", choices=["lowrank", "modes"], default="lowrank")
     parser.add_argument("--modes", type=int, default=10, help="with --reduction modes")
     parser.add_argument("--lr", type=float, default=1e-4)

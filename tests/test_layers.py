@@ -104,3 +104,15 @@ def test_the_ddp_hook_and_the_optimizer_do_not_import_each_other():
     assert not {m for m in graph["cmd_optim.integrations.ddp"] if m.startswith("cmd_optim.optim")}
     optim = [t for m, targets in graph.items() if _layer(m) == "optim" for t in targets]
     assert not [t for t in optim if t.startswith("cmd_optim.integrations")]
+
+
+def test_the_architecture_doc_lists_every_module_of_each_layer():
+    """docs/architecture.md's layer table names exactly the modules of each subpackage."""
+    import re
+
+    doc = (PACKAGE.parent / "docs" / "architecture.md").read_text()
+    for layer in ("core", "optim", "integrations", "analysis"):
+        row = next(line for line in doc.splitlines() if line.startswith(f"| `cmd_optim.{layer}` |"))
+        listed = set(re.findall(r"`(\w+)`", row.split("|")[2]))
+        present = {p.stem for p in (PACKAGE / layer).glob("*.py") if p.stem != "__init__"}
+        assert listed == present, (layer, sorted(listed - present), sorted(present - listed))

@@ -232,7 +232,7 @@ class LowRankPhase:
 
     Public view: ``plans`` (one :class:`MatrixPlan` per tracked matrix: name, shape, rank, 0 = trained in
     full), ``ranks``, ``refreshes`` (how many times the bases were renewed), ``window_steps`` (steps since the
-    last refresh), ``map`` (the :class:`~cmd_optim.core.SubspaceMap`). State: the bases (d r float32 per
+    last refresh), ``map`` (the :class:`~cmd_optim.core.SubspaceMap`), ``cores``, ``core_groups``. State: the bases (d r float32 per
     projected matrix) and the base optimizer's state on the cores and on what trains in full.
     """
 
@@ -267,6 +267,11 @@ class LowRankPhase:
         self.optimizer = setup.make_base(groups)
         self._core_index = {core: i for i, core in enumerate(self.cores)}
         self._group_of = {p: index for index, visible in enumerate(setup.params.groups) for p in visible["params"]}
+
+    @property
+    def core_groups(self) -> list[dict]:
+        """The inner optimizer's parameter groups that hold cores (their weight decay is 0: it acts on W)."""
+        return [inner for inner, (_, is_core) in zip(self.optimizer.param_groups, self._sources) if is_core]
 
     def adopt(self) -> None:
         pass

@@ -48,35 +48,53 @@ def test_warmup_is_the_base_optimizer_and_the_switch_does_not_move_weights(digit
 
 
 class NaiveMap(ModeMap):
-    """The unsafeguarded map: raw slopes a_i, mode gradient sum_i a_i g_i with no normalisation."""
+    """The unsafeguarded map: raw slopes u_i = a_i (no RMS units, no clipping), mode gradient sum_i a_i g_i
+    with no least-squares normalisation. It overrides ``from_fit``, the constructor the mode phase calls."""
 
     @classmethod
-    def from_decomposition(cls, d, params, groups, num_groups, max_slope=None, **kwargs):
-        slopes, modes, offset = [], [], 0
-        for p in params:
-            slopes.append(d.a[offset:offset + p.numel()].view_as(p).clone())
-            modes.append(d.assignment[offset:offset + p.numel()].view_as(p).to(torch.uint8))
-            offset += p.numel()
-        return cls(slopes, modes, groups, d.num_modes, num_groups, torch.ones(d.num_modes), **kwargs)
+    def from_fit(cls, fit, params, groups, num_groups, max_slope=None, kernel="auto", reduce=None, **layout):
+        mapped = cls.__new__(cls)
+        mapped._build(fit.a, fit.assignment, [tuple(p.shape) for p in params], [p.device for p in params], groups,
+                      fit.num_modes, num_groups, torch.ones(fit.num_modes), kernel, layout, reduce)
+        return mapped
 
     def from_sums(self, sums):
         return sums.to(self.device).float()
 
 
-def test_without_the_safeguards_the_same_hyperparameters_diverge(digits, monkeypatch):
+def _naive(monkeypatch) -> None:
     monkeypatch.setattr(modes_module, "ModeMap", NaiveMap)
+
+
+def test_the_naive_map_is_the_map_the_phase_steps_with(digits, monkeypatch):
+    _naive(monkeypatch)
+    model = mlp()
+    optimizer = cmd(model, reduction=Modes(speed_limit=False))
+    train(model, optimizer, digits, 301)
+    mode_map = optimizer.reduced_phase.map
+    assert type(mode_map) is NaiveMap
+    # raw slopes: not clipped to max_slope and not of RMS 1 per mode (the safeguarded map's are)
+    slopes = torch.cat([u.reshape(-1) for u in mode_map.slopes])
+    assert float(slopes.abs().max()) > Modes().max_slope or not torch.allclose(
+        slopes.square().mean(), torch.tensor(1.0), rtol=0.05)
+
+
+def test_without_the_safeguards_the_same_hyperparameters_diverge(digits, monkeypatch):
+    _naive(monkeypatch)
     model = mlp()
     optimizer = cmd(model, reduction=Modes(speed_limit=False))
     train(model, optimizer, digits, 400)
+    assert type(optimizer.reduced_phase.map) is NaiveMap
     weights_finite = all(torch.isfinite(p).all() for p in model.parameters())
     assert optimizer.skipped_steps > 0 or not weights_finite or accuracy(model, digits) < 0.5
 
 
 def test_the_speed_limit_alone_keeps_the_naive_map_stable(digits, monkeypatch):
-    monkeypatch.setattr(modes_module, "ModeMap", NaiveMap)  # u = a: a reference has u = 1
+    _naive(monkeypatch)  # u = a: a reference has u = 1
     model = mlp()
     optimizer = cmd(model)
     train(model, optimizer, digits, 600)
+    assert type(optimizer.reduced_phase.map) is NaiveMap
     assert optimizer.skipped_steps == 0 and optimizer.limited_steps > 100
     assert accuracy(model, digits) > 0.9
 
