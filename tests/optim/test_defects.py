@@ -1,5 +1,5 @@
-"""One test per defect of the reliability audit (D1-D25, ../shared/reports/reliability.md) and of the
-newcomer trial (N1-N9, ../shared/reports/newcomer.md), each written from the reproduction in the report."""
+"""One test per defect of the project's reliability audits (D1-D25) and of its newcomer trial (N1-N9), each
+written from the audit's reproduction of the defect."""
 
 import copy
 import math
