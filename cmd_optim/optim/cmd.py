@@ -228,17 +228,31 @@ class CMDOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._count(self._phase.step(loss, closure))
+        undo = self._undo_point()
+        self._count(self._phase.step(loss, closure), undo)
         return loss
 
+    @torch.compiler.disable
+    def _undo_point(self):
+        """In the warm-up, before a step after which a snapshot is recorded: how to undo the step."""
+        return None if self._phase.reduced else self._phase.undo_point(self.steps_taken + 1)
+
     @torch.compiler.disable  # plain-Python bookkeeping, kept out of a compiled step's graph
-    def _count(self, taken: bool) -> None:
-        """Count a step (``taken``) or a skipped one; after a taken step the phase's bookkeeping and the switch."""
+    def _count(self, taken: bool, undo=None) -> None:
+        """Count a step (``taken``) or a skipped one; after a taken step the phase's bookkeeping and the switch.
+        A recording that fails after the step (a full disk, a weight float16 cannot hold) undoes the step:
+        the optimizer and the weights are as they were before it, and the error propagates."""
         if not taken:
             self.skipped_steps += 1
             return
         self.steps_taken += 1
-        self._phase.after_step(self.steps_taken)
+        try:
+            self._phase.after_step(self.steps_taken)
+        except Exception:
+            if undo is not None:
+                self.steps_taken -= 1
+                undo()
+            raise
         if self._switch_due():
             self._switch()
 

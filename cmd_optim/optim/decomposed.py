@@ -123,8 +123,11 @@ class SnapshotRecorder(WarmupRecorder):
             self.buffer.release()
             raise
 
+    def records_at(self, steps_taken: int) -> bool:
+        return steps_taken % self.every == 0 and steps_taken <= self.setup.switch_after
+
     def after_step(self, steps_taken: int) -> None:
-        if steps_taken % self.every == 0 and steps_taken <= self.setup.switch_after:
+        if self.records_at(steps_taken):
             self.buffer.record(self.setup.local_tracked())
 
     def state(self) -> dict:

@@ -17,6 +17,11 @@ class WarmupRecorder(ABC):
     """What a reduction records during the warm-up (e.g. snapshots); the warm-up calls it after each step."""
 
     @abstractmethod
+    def records_at(self, steps_taken: int) -> bool:
+        """Whether :meth:`after_step` records anything after step ``steps_taken`` (the warm-up then keeps an
+        undo point, so that a recording that fails leaves the optimizer as it was before the step)."""
+        return False
+
     def after_step(self, steps_taken: int) -> None:
         """Record what step ``steps_taken`` (1-based) left behind; must leave the recorder as it was on error."""
 
@@ -61,6 +66,28 @@ class WarmupPhase:
         taken = guarded_step(self.optimizer, loss, closure, params)
         self.saw_gradient = self.saw_gradient or (taken and any(p.grad is not None for p in params))
         return taken
+
+    @torch.no_grad()
+    def undo_point(self, steps_taken: int) -> Callable[[], None] | None:
+        """Before step ``steps_taken``: a function that puts the weights and the base's state back as they are
+        now, if the recorder records after that step (None otherwise: nothing after it can fail)."""
+        if self.recorder is None or not self.recorder.records_at(steps_taken):
+            return None
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        weights = [p.detach().clone() for p in params]
+        state = {p: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+                 for p, entry in self.optimizer.state.items()}
+        saw_gradient = self.saw_gradient
+
+        @torch.no_grad()
+        def undo() -> None:
+            for p, weight in zip(params, weights):
+                p.copy_(weight)
+            self.optimizer.state.clear()
+            self.optimizer.state.update(state)
+            self.saw_gradient = saw_gradient
+
+        return undo
 
     def after_step(self, steps_taken: int) -> None:
         if self.recorder is not None:

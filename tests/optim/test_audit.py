@@ -1,0 +1,189 @@
+"""The second hostile audit's defects of the optimizer (E1, E2, E5, E12), each from its reproduction."""
+
+import pytest
+import torch
+from torch import nn
+
+from cmd_optim import CMDOptimizer, LowRank
+from cmd_optim.optim import REDUCTIONS
+from tests._helpers import roundtrip
+
+
+def _data(inputs=32, classes=10):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(256, inputs, generator=gen), torch.randint(0, classes, (256,), generator=gen)
+
+
+def _net(activation=nn.Tanh, inputs=32, classes=10):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(inputs, 64), activation(), nn.Linear(64, classes))
+
+
+def _step(model, optimizer, data):
+    x, y = data
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+def test_e1_a_layer_frozen_over_the_switch_trains_once_unfrozen():
+    data, m = _data(), _net()
+    opt = CMDOptimizer(m, base=torch.optim.SGD, switch_after=30, lr=0.05, momentum=0.9)
+    for _ in range(10):
+        _step(m, opt, data)
+    m[0].weight.requires_grad_(False)
+    for _ in range(20):
+        _step(m, opt, data)
+    assert opt.phase == "reduced" and opt.switch_report["matrices"][0]["rank"] > 0
+    m[0].weight.requires_grad_(True)
+    w = m[0].weight.detach().clone()
+    for _ in range(30):
+        _step(m, opt, data)
+    assert not torch.equal(w, m[0].weight)
+
+
+def test_e1_the_live_rows_of_a_layer_with_dead_units_keep_training():
+    data, m = _data(), _net(nn.ReLU)
+    with torch.no_grad():
+        m[0].bias[:39] = -50.0  # 39 of 64 hidden units dead
+    opt = CMDOptimizer(m, base=torch.optim.SGD, switch_after=30, lr=0.05, momentum=0.9)
+    for _ in range(30):
+        _step(m, opt, data)
+    w = m[0].weight.detach().clone()
+    for _ in range(30):
+        _step(m, opt, data)
+    assert not torch.equal(w[39:], m[0].weight[39:])
+    assert torch.equal(w[:39], m[0].weight[:39])  # dead rows get no gradient and stay
+
+
+@pytest.mark.parametrize("name", sorted(REDUCTIONS))
+def test_e1_a_warmup_without_a_backward_raises_at_the_switch_for_every_reduction(name):
+    m = _net()
+    opt = CMDOptimizer(m, base=torch.optim.SGD, switch_after=20, reduction=name, lr=0.05, momentum=0.9)
+    for _ in range(19):
+        opt.step()
+    with pytest.raises(RuntimeError, match="no parameter got a gradient"):
+        opt.step()
+    assert opt.phase == "warmup"
+
+
+def _snapshot_run():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = CMDOptimizer(m, base=torch.optim.SGD, modes=2, samples=50, switch_after=30, snapshot_every=5, lr=0.05,
+                       momentum=0.9, snapshot_dtype=torch.float16)
+    return m, opt
+
+
+def _assert_step_undone(m, opt, before_weights, before_state, steps):
+    assert opt.steps_taken == steps
+    assert all(torch.equal(p, w) for p, w in zip(m.parameters(), before_weights))
+    after = opt.state_dict()
+    assert after["cmd"]["phase_state"]["snapshots"].shape[0] == steps // 5 + 1
+    for key, entry in before_state["state"].items():
+        assert all(torch.equal(v, after["state"][key][k]) for k, v in entry.items())
+    torch.manual_seed(0)
+    fresh_model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    fresh = CMDOptimizer(fresh_model, base=torch.optim.SGD, modes=2, samples=50, switch_after=30, snapshot_every=5,
+                         lr=0.05, momentum=0.9, snapshot_dtype=torch.float16)
+    fresh.load_state_dict(roundtrip(after))  # the checkpoint saved after the failure loads
+    assert fresh.steps_taken == steps
+
+
+def test_e2_a_snapshot_float16_cannot_hold_undoes_its_step():
+    data = _data(8, 4)
+    m, opt = _snapshot_run()
+    for _ in range(12):
+        _step(m, opt, data)
+    with torch.no_grad():
+        m[0].weight[0, 0] = 7e4  # beyond float16's range
+    for _ in range(2):
+        _step(m, opt, data)
+    before_weights = [p.detach().clone() for p in m.parameters()]
+    before_state = roundtrip(opt.state_dict())
+    with pytest.raises(OverflowError):
+        _step(m, opt, data)  # step 15 records a snapshot
+    _assert_step_undone(m, opt, before_weights, before_state, 14)
+    with torch.no_grad():
+        m[0].weight[0, 0] = 1.0  # the user repairs the weight: the run goes on, snapshots evenly spaced
+    for _ in range(20):
+        _step(m, opt, data)
+    assert opt.phase == "reduced" and opt.switch_report["snapshots"] == 7
+
+
+def test_e2_a_snapshot_that_cannot_be_written_undoes_its_step(monkeypatch):
+    data = _data(8, 4)
+    m, opt = _snapshot_run()
+    for _ in range(9):
+        _step(m, opt, data)
+    before_weights = [p.detach().clone() for p in m.parameters()]
+    before_state = roundtrip(opt.state_dict())
+    buffer = opt._phase.recorder.buffer
+
+    def full_disk(params):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(buffer, "record", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _step(m, opt, data)
+    _assert_step_undone(m, opt, before_weights, before_state, 9)
+
+
+def _lowrank(refresh_every):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 10))
+    return m, CMDOptimizer(m, base=torch.optim.SGD, switch_after=20, lr=0.05, momentum=0.9,
+                           reduction=LowRank(refresh_every=refresh_every))
+
+
+def test_e5_a_lowrank_state_beyond_a_shorter_refresh_period_or_damaged_is_refused_unchanged():
+    data = _data()
+    m, opt = _lowrank(5)
+    for _ in range(29):
+        _step(m, opt, data)
+    saved = roundtrip(opt.state_dict())
+    assert saved["cmd"]["phase_state"]["window_steps"] == 4
+    damaged = []
+    shorter = roundtrip(saved)
+    damaged.append(("refresh", 3, shorter))
+    truncated = roundtrip(saved)
+    truncated["cmd"]["phase_state"]["bases"] = truncated["cmd"]["phase_state"]["bases"][:-1]
+    damaged.append(("bases", 5, truncated))
+    nan = roundtrip(saved)
+    nan["cmd"]["phase_state"]["bases"][0][0, 0] = float("nan")
+    damaged.append(("finite", 5, nan))
+    ranks = roundtrip(saved)
+    ranks["cmd"]["phase_state"]["ranks"] = ranks["cmd"]["phase_state"]["ranks"][:1]
+    damaged.append(("ranks", 5, ranks))
+    negative = roundtrip(saved)
+    negative["cmd"]["phase_state"]["refreshes"] = -1
+    damaged.append(("refreshes", 5, negative))
+    for match, every, state in damaged:
+        m2, o2 = _lowrank(every)
+        for _ in range(3):
+            _step(m2, o2, data)
+        before = roundtrip(o2.state_dict())
+        with pytest.raises(ValueError, match=match):
+            o2.load_state_dict(state)
+        now = o2.state_dict()
+        assert now["cmd"]["phase"] == "warmup" and now["cmd"]["steps_taken"] == before["cmd"]["steps_taken"]
+        assert all(torch.equal(v, now["state"][k]["momentum_buffer"])
+                   for k, e in before["state"].items() for v in e.values())
+
+
+def test_e12_a_huge_gradient_element_does_not_stop_later_refreshes():
+    data = _data()
+    m, opt = _lowrank(5)
+    for i in range(60):
+        x, y = data
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        if i == 21:
+            m[0].weight.grad[0, 0] = 1e5
+        if i == 26:
+            basis = opt.reduced_phase.map.bases[0].clone()
+            refreshes = opt.reduced_phase.refreshes
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in m.parameters())
+    assert opt.reduced_phase.refreshes >= refreshes + 6
+    assert not torch.equal(basis, opt.reduced_phase.map.bases[0])
