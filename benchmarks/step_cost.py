@@ -199,13 +199,15 @@ def main() -> None:
 One `step()` (float32, gradients given) on {args.device}, median of {args.repeats} rounds, the optimizers
 in a shuffled order every round, in one process. "AdamW" is `torch.optim.AdamW` with its defaults (on the
 CPU, the per-tensor loop; on a GPU, the multi-tensor path); "AdamW (foreach)" the multi-tensor path.
-CMD rows without a suffix use the default reduction (low-rank: rank <= 32, a 1% budget, 5% under 100K
-parameters; sparse embedding tables frozen), ", modes" the paper's mode reduction (M = 10). Warm-up rows:
+CMD rows without a suffix use the default reduction (low-rank: each matrix's state in a one-sided
+subspace at a quarter of the base's state, refreshed every 100 steps; the reduced rows here time the steps
+after the switch, mostly between refreshes), ", modes" the paper's mode reduction (M = 10). Warm-up rows:
 the mean step over 10 (a snapshot every 10 steps with the mode reduction; none with the default).
 "State" is the optimizer state that `step()` uses, per parameter (warm-up: the base's state plus the
 snapshots so far; modes: the 4-byte slope + 1-byte mode map plus the mode optimizer's state; low-rank: the
-bfloat16 gradient sum of the trained matrices, U and V, the cores' and free parameters' state). The kernel
-backend serves the mode map's passes and the low-rank gradient sum (`cmd_optim.core.kernels.backend()`).
+bases and the base's state on the cores and on what trains in full). The kernel backend serves the mode
+map's passes (`cmd_optim.core.kernels.backend()`). Only `step()` is timed: the forward and backward, the
+same for every row here, are not (a whole-step comparison with the peers is not yet in this benchmark).
 
 Machine: {machine()}.
 Command: `{command}`
