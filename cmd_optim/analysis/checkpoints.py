@@ -2,15 +2,19 @@
 
 A run folder holds Hugging Face Trainer ``checkpoint-*/`` folders (``model.safetensors`` or
 ``pytorch_model.bin``) or checkpoint files (``.safetensors``, ``.pt``, ``.pth``, ``.bin``, Lightning's
-``.ckpt``), taken in the order of the step number in their names. A torch file may hold the state_dict
-itself or nest it one level down (``{"model": state_dict, "optimizer": ...}``, Lightning's
-``{"state_dict": ...}``).
+``.ckpt``), taken in the order of their steps: the ``global_step`` a torch file records (Lightning's), else
+the number after ``step`` in the (folder's) name, or its only number. Files whose step cannot be told
+(Lightning's ``last.ckpt``) or is another file's (Lightning's ``-v1`` copies) are skipped, with a warning.
+A torch file may hold the state_dict itself or nest it one level down (``{"model": state_dict,
+"optimizer": ...}``, Lightning's ``{"state_dict": ...}``); one that cannot be read raises ValueError naming it.
 """
 
 from __future__ import annotations
 
 import math
+import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -23,21 +27,36 @@ _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 #: The file suffixes a run folder's checkpoints may have.
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
+_VERSION = re.compile(r"-v\d+$")  # Lightning's suffix for a second file of one name
+_LIGHTNING_COPY = re.compile(r"^last(-v\d+)?$|-v\d+$")  # last.ckpt, and a second file of one name
 
 
-def checkpoint_step(path: Path) -> int:
-    """The step a checkpoint was written at: the last number in its (folder's) name, -1 if none."""
-    name = path.parent.name if path.name in _WEIGHT_FILES else path.name
+def _name_step(path: Path) -> int | None:
+    """The step in a checkpoint's (Trainer folder's) name: the number after ``step``, else its only number."""
+    name = _VERSION.sub("", path.parent.name if path.name in _WEIGHT_FILES else path.stem)
+    after_step = re.search(r"step[=_-]?(\d+)", name, re.IGNORECASE)
+    if after_step:
+        return int(after_step.group(1))
     numbers = re.findall(r"\d+", name)
-    return int(numbers[-1]) if numbers else -1
+    return int(numbers[0]) if len(numbers) == 1 else None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step a checkpoint was written at: the ``global_step`` it records, else its name's; None if unknown."""
+    return _Weights(Path(path)).step
 
 
 def find_checkpoints(run_dir) -> list[Path]:
-    """The checkpoint files of ``run_dir`` in step order."""
+    """The checkpoint files of ``run_dir`` in step order, one per step; warns of the files skipped."""
+    return _scan(run_dir)[0]
+
+
+def _scan(run_dir) -> tuple[list[Path], list[Path]]:
+    """The checkpoints of ``run_dir`` in step order and the files skipped (warned of as at the caller's caller)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no such run folder: {run_dir}")
-    folders = sorted((p for p in run_dir.glob("checkpoint-*") if p.is_dir()), key=checkpoint_step)
+    folders = sorted(p for p in run_dir.glob("checkpoint-*") if p.is_dir())
     if folders:
         files = []
         for folder in folders:
@@ -46,26 +65,58 @@ def find_checkpoints(run_dir) -> list[Path]:
                 raise FileNotFoundError(f"{folder} holds none of {', '.join(_WEIGHT_FILES)}")
             files.append(found[0])
     else:
-        files = sorted((p for p in run_dir.iterdir() if p.suffix in CHECKPOINT_SUFFIXES), key=checkpoint_step)
-    if len(files) < 3:
-        raise ValueError(f"{run_dir} has {len(files)} checkpoints (Trainer checkpoint-* folders or files ending in "
-                         f"{', '.join(CHECKPOINT_SUFFIXES)}); CMD needs at least 3")
-    return files
+        files = sorted(p for p in run_dir.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+    steps = {path: checkpoint_step(path) for path in files}
+
+    def rank(path):  # of several files of one step, the one whose name gives it, not a Lightning copy, is kept
+        return _name_step(path) != steps[path], bool(_LIGHTNING_COPY.search(path.stem)), path.name
+
+    by_step = {}
+    for path in sorted(files, key=rank):
+        if steps[path] is not None:
+            by_step.setdefault(steps[path], path)
+    kept = [by_step[step] for step in sorted(by_step)]
+    skipped = [path for path in files if path not in kept]
+    unknown = [_shown(p) for p in skipped if steps[p] is None]
+    notes = [f"{', '.join(unknown)} (no step recorded or in the name)"] if unknown else []
+    notes += [f"{_shown(p)} (step {steps[p]}, already {_shown(by_step[steps[p]])})"
+              for p in skipped if steps[p] is not None]
+    if len(kept) < 3:
+        raise ValueError(f"{run_dir} has {len(kept)} checkpoints (Trainer checkpoint-* folders or files ending in "
+                         f"{', '.join(CHECKPOINT_SUFFIXES)}); CMD needs at least 3"
+                         + (f"; skipped {'; '.join(notes)}" if notes else ""))
+    if notes:
+        warnings.warn(f"{run_dir}: skipped {'; '.join(notes)}", stacklevel=3)
+    return kept, skipped
+
+
+def _shown(path: Path) -> str:
+    """A checkpoint as the messages name it: its file, or its Trainer folder."""
+    return path.parent.name if path.name in _WEIGHT_FILES else path.name
 
 
 class _Weights:
-    """One checkpoint file's floating-point tensors, memory-mapped; ``read(name, start, stop)`` gives a flat range."""
+    """One checkpoint file's floating-point tensors, memory-mapped; ``read(name, start, stop)`` gives a flat range.
+
+    ``step`` is the step it was written at (see :func:`checkpoint_step`)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self.step = _name_step(path)
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            self._file = safe_open(str(path), framework="pt")
+            try:
+                self._file = safe_open(str(path), framework="pt")
+            except SafetensorError as error:
+                raise ValueError(f"cannot read {path}: corrupt or truncated ({error})") from error
             self.shapes = {name: tuple(self._file.get_slice(name).get_shape()) for name in self._file.keys()}
             self._tensors = None
             return
-        loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        loaded = _torch_load(path)
+        recorded = loaded.get("global_step") if isinstance(loaded, dict) else None  # Lightning's
+        if isinstance(recorded, int) and not isinstance(recorded, bool):
+            self.step = recorded
         self._tensors = _state_dict_in(loaded, path)
         self.shapes = {name: tuple(t.shape) for name, t in self._tensors.items()
                        if isinstance(t, torch.Tensor) and t.is_floating_point()}
@@ -80,6 +131,19 @@ class _Weights:
         first, last = start // row, -(-stop // row)
         rows = self._file.get_slice(name)[first:last].reshape(-1).float()
         return rows[start - first * row: stop - first * row]
+
+
+def _torch_load(path: Path):
+    """``torch.load`` of ``path``, memory-mapped and tensors only; a file it cannot read raises ValueError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only met a pickled Python object (or a corrupt pickle)
+        reason = re.search(r"WeightsUnpickler error: ([^\n]*?\.)(?=\s|$)", str(error))
+        raise ValueError(f"cannot read {path} with torch.load(weights_only=True), which loads no pickled Python "
+                         f"objects: {reason.group(1) if reason else str(error).splitlines()[0]}") from error
+    except RuntimeError as error:
+        reason = str(error).split(". ")[0]
+        raise ValueError(f"cannot read {path}: corrupt or truncated, or not saved by torch.save ({reason})") from error
 
 
 def _state_dict_in(loaded, path: Path) -> dict:
@@ -99,14 +163,14 @@ class CheckpointTrajectory(ColumnSource):
     """The (T, N) trajectory of the floating-point tensors common to all checkpoints, read on demand.
 
     Columns follow the first checkpoint's tensor order (or ``names``, if given); ``names`` and ``sizes``
-    give the layers, ``steps`` the step of each checkpoint. ``chunk_elements`` sets how many values one
-    read covers.
+    give the layers, ``steps`` the step of each checkpoint (None if unknown). ``chunk_elements`` sets how
+    many values one read covers.
     """
 
     def __init__(self, paths, progress: bool = False, chunk_elements: int | None = None,
                  names: list[str] | None = None) -> None:
         self.files = [_Weights(Path(p)) for p in paths]
-        self.steps = [checkpoint_step(Path(p)) for p in paths]
+        self.steps = [f.step for f in self.files]
         first = self.files[0].shapes
         common = [n for n in first if all(f.shapes.get(n) == first[n] for f in self.files[1:])]
         if names is not None:

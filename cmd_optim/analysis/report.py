@@ -8,6 +8,7 @@ checkpoint, the explained variance next to PCA with as many dimensions (the DLDR
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 
 from ..core import chunks, decompose
 from ._plotting import write_plots
-from .checkpoints import CheckpointTrajectory, find_checkpoints
+from .checkpoints import CheckpointTrajectory, _scan
 
 __all__ = ["Report", "analyze", "pca_explained_variance"]
 
@@ -27,6 +28,7 @@ class Report:
 
     checkpoints: list[str]
     steps: list[int]
+    skipped: list[str]  # files not analysed: step unknown, or a step another file has
     num_params: int
     num_modes: int
     mode_sizes: list[int]
@@ -46,10 +48,16 @@ class Report:
 def analyze(run_dir, out_dir=None, modes: int = 10, samples: int = 1000, seed: int = 0,
             progress: bool = True, chunk_elements: int | None = None) -> Report:
     """CMD of the run in ``run_dir``; writes report.md, report.json and PNG plots (with matplotlib) into
-    ``out_dir`` (default ``run_dir/cmd-analysis``) and returns the :class:`Report`."""
-    paths = find_checkpoints(run_dir)
+    ``out_dir`` (default ``run_dir/cmd-analysis``) and returns the :class:`Report`. Warns of the checkpoint
+    files skipped; an unreadable checkpoint raises ValueError, an unwritable ``out_dir`` OSError, naming it."""
+    paths, skipped = _scan(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "cmd-analysis"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OSError(f"cannot create the report folder {out_dir}: {error.strerror or error}") from error
+    if not os.access(out_dir, os.W_OK):
+        raise PermissionError(f"cannot write into the report folder {out_dir}")
     trajectory = CheckpointTrajectory(paths, progress=progress, chunk_elements=chunk_elements)
     d = decompose(trajectory, modes=modes, samples=samples, seed=seed, layer_sizes=trajectory.sizes, measure=True)
     pca_dims = min(d.num_modes, len(paths) - 1)
@@ -59,10 +67,10 @@ def analyze(run_dir, out_dir=None, modes: int = 10, samples: int = 1000, seed: i
     layers = {name: torch.bincount(d.assignment[low:high], minlength=d.num_modes).tolist()
               for name, low, high in zip(trajectory.names, trajectory.offsets, trajectory.offsets[1:])}
     report = Report(
-        checkpoints=[str(p) for p in paths], steps=trajectory.steps, num_params=d.num_params, num_modes=d.num_modes,
-        mode_sizes=d.mode_sizes.tolist(), layers=layers, relative_error=d.fit_quality.relative_error.tolist(),
-        explained_variance=d.fit_quality.explained_variance, pca_dims=pca_dims,
-        pca_explained_variance=pca_explained_variance(trajectory, pca_dims), plots=[],
+        checkpoints=[str(p) for p in paths], steps=trajectory.steps, skipped=[str(p) for p in skipped],
+        num_params=d.num_params, num_modes=d.num_modes, mode_sizes=d.mode_sizes.tolist(), layers=layers,
+        relative_error=d.fit_quality.relative_error.tolist(), explained_variance=d.fit_quality.explained_variance,
+        pca_dims=pca_dims, pca_explained_variance=pca_explained_variance(trajectory, pca_dims), plots=[],
     )
     report.plots = write_plots(d, trajectory, samples, seed, out_dir)
     (out_dir / "report.json").write_text(json.dumps(asdict(report), indent=1))
@@ -92,10 +100,11 @@ def _markdown(r: Report) -> str:
     pca = f"PCA with {r.pca_dims} dimensions {r.pca_explained_variance:.4f}"
     if r.pca_is_trivial:
         pca += f" (exact by construction with {len(r.checkpoints)} checkpoints: not a comparison)"
+    skipped = f" Skipped (step unknown or another file's): {', '.join(r.skipped)}." if r.skipped else ""
     return f"""# CMD analysis
 
 {len(r.checkpoints)} checkpoints (steps {r.steps[0]} to {r.steps[-1]}), {r.num_params:,} parameters, \
-{r.num_modes} modes (sizes {r.mode_sizes}).
+{r.num_modes} modes (sizes {r.mode_sizes}).{skipped}
 
 Explained variance: CMD {r.explained_variance:.4f}; {pca}.
 

@@ -1,4 +1,6 @@
+import argparse
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,6 +101,113 @@ def test_checkpoints_nested_in_a_dict_are_read(recorded_run, tmp_path, layout):
             torch.save({"state_dict": state, "epoch": index}, tmp_path / f"epoch={index}-step={step}.ckpt")
     report = analysis.analyze(tmp_path, tmp_path / "out", modes=4, samples=200, progress=False)
     assert report.num_params == trajectory.shape[1] and report.steps == list(range(0, 130, 10))
+
+
+def _lightning_folder(root, folder, recorded):
+    """The run as Lightning's ModelCheckpoint(save_last=True) writes it: a file per step, ``last.ckpt`` (the last
+    weights again) and a ``-v1`` copy; the steps in the names, or (``recorded``) in ``global_step`` only, the names
+    giving the epoch and a loss (``filename="{epoch}-{val_loss:.2f}"``)."""
+    folder.mkdir()
+    paths = analysis.find_checkpoints(root / "pt")
+    for index, path in enumerate(paths):
+        state = {"state_dict": torch.load(path, weights_only=True), "epoch": index}
+        if recorded:
+            state["global_step"] = 10 * index
+            name = f"epoch={index}-val_loss={1 / (index + 1):.2f}"
+        else:
+            name = f"epoch={index}-step={10 * index}"
+        torch.save(state, folder / f"{name}.ckpt")
+        if index == 5:
+            torch.save(state, folder / f"{name}-v1.ckpt")
+    torch.save(state, folder / "last.ckpt")
+    return paths
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_lightning_last_and_v1_copies_are_skipped_with_a_warning(recorded_run, tmp_path, recorded):
+    """E4: last.ckpt and epoch=5-...-v1.ckpt were read as steps -1 and 1 (first); the step recorded or in the name
+    orders the files, and the two copies are skipped, named in a warning and in the report."""
+    root, trajectory = recorded_run
+    _lightning_folder(root, tmp_path / "run", recorded)
+    with pytest.warns(UserWarning, match=r"skipped .*last\.ckpt") as caught:
+        report = analysis.analyze(tmp_path / "run", tmp_path / "out", modes=4, samples=200, progress=False)
+    message = str(caught[0].message)
+    v1 = "epoch=5-val_loss=0.17-v1.ckpt" if recorded else "epoch=5-step=50-v1.ckpt"
+    assert v1 in message and "step 50, already epoch=5-" in message
+    assert report.steps == list(range(0, 130, 10)) and report.num_params == trajectory.shape[1]
+    assert sorted(Path(p).name for p in report.skipped) == [v1, "last.ckpt"]
+    assert all("-v1" not in Path(p).name and "last" not in Path(p).name for p in report.checkpoints)
+    assert "last.ckpt" in (tmp_path / "out" / "report.md").read_text()
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["skipped"] == report.skipped
+
+
+def test_online_cmd_from_a_lightning_folder_skips_last_ckpt(recorded_run, tmp_path):
+    """E4: with last.ckpt read first, the held model was 0.04 away from the one fitted on the step files."""
+    root, _ = recorded_run
+    _lightning_folder(root, tmp_path / "run", recorded=False)
+    kwargs = {"warmup_snapshots": 6, "modes": 4, "samples": 300}
+    with pytest.warns(UserWarning, match=r"skipped last\.ckpt .*epoch=5-step=50-v1\.ckpt"):
+        built = analysis.online_cmd_from_checkpoints(mlp(hidden=32), tmp_path / "run", **kwargs)
+    plain = analysis.online_cmd_from_checkpoints(mlp(hidden=32), root / "pt", **kwargs)
+    assert built.snapshots_seen == plain.snapshots_seen
+    for p, q in zip(built.module.parameters(), plain.module.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_checkpoints_whose_step_cannot_be_told_are_named(tmp_path):
+    """E4: first.pt, second.pt, ... were taken in directory order, silently."""
+    for name in ["first", "second", "third", "fourth"]:
+        torch.save({"w": torch.zeros(3)}, tmp_path / f"{name}.pt")
+    with pytest.raises(ValueError, match=r"0 checkpoints .*; skipped first\.pt, fourth\.pt, second\.pt, third\.pt "
+                                         r"\(no step recorded or in the name\)"):
+        analysis.find_checkpoints(tmp_path)
+
+
+def _damage(folder, case):
+    """Four good checkpoints, the last one damaged as ``case`` says; the damaged file's path."""
+    safetensors = pytest.importorskip("safetensors.torch")
+    suffix = ".safetensors" if case == "truncated-safetensors" else ".pt"
+    for step in range(4):
+        state = {"w": torch.full((64, 8), float(step)), "b": torch.zeros(8)}
+        if suffix == ".safetensors":
+            safetensors.save_file(state, str(folder / f"step-{step}{suffix}"))
+        elif case == "pickled" and step == 3:
+            torch.save({"model": state, "args": argparse.Namespace(lr=0.1)}, folder / f"step-{step}{suffix}")
+        else:
+            torch.save(state, folder / f"step-{step}{suffix}")
+    bad = folder / f"step-3{suffix}"
+    if case == "random-bytes":
+        bad.write_bytes(torch.randint(0, 256, (4000,), dtype=torch.uint8).numpy().tobytes())
+    elif case.startswith("truncated"):
+        bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])
+    return bad
+
+
+@pytest.mark.parametrize("case", ["random-bytes", "truncated-pt", "truncated-safetensors", "pickled"])
+def test_an_unreadable_checkpoint_is_a_one_line_error_naming_it(tmp_path, capsys, case):
+    """E7: these were 20-27-line tracebacks from torch or safetensors that did not name the file."""
+    bad = _damage(tmp_path, case)
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["analyze", str(tmp_path), "--no-progress", "--modes", "2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
+    assert err.startswith(f"cmd-optim analyze: error: cannot read {bad}")
+    if case == "pickled":
+        assert "weights_only=True" in err and "argparse.Namespace" in err
+    else:
+        assert "corrupt or truncated" in err
+
+
+def test_an_unwritable_report_folder_is_a_one_line_error_naming_it(recorded_run, tmp_path, capsys):
+    """E7: a read-only --out was a traceback (the tests run as root, so --out lies under a file instead)."""
+    root, _ = recorded_run
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "report"
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["analyze", str(root / "pt"), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err and len(err.splitlines()) == 1
+    assert err.startswith(f"cmd-optim analyze: error: cannot create the report folder {out}: Not a directory")
 
 
 def test_a_file_without_a_state_dict_is_named(tmp_path):
