@@ -80,21 +80,29 @@ class OnlineCMD(nn.Module):
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
-        """Take one snapshot of ``model`` (the module being trained, with the same parameter names)."""
+        """Take one snapshot of ``model`` (the module being trained, with the same parameter names and shapes).
+        A snapshot that is refused (a non-finite value, another shape) leaves OnlineCMD as it was."""
         source = dict(model.named_parameters())
         missing = [name for name in self.names if name not in source]
         if missing:
             raise ValueError(f"model has no parameter {missing[0]!r}: pass the module OnlineCMD was built from")
-        self._copy_the_rest(model)
+        self._check_shapes({name: source[name].shape for name in self.names}, "model's")
         self.observe(self.layout.flatten([source[name] for name in self.names]))
+        self._copy_the_rest(model)
 
     @torch.no_grad()
     def observe(self, flat: torch.Tensor) -> None:
         """Take one snapshot given as the (N,) vector of the taking-part parameters, in ``names`` order."""
+        if flat.shape != (self.layout.numel,):
+            raise ValueError(f"flat must have shape ({self.layout.numel},), got {tuple(flat.shape)}")
+        if not bool(torch.isfinite(flat).all()):
+            index = torch.nonzero(~torch.isfinite(flat))[0]
+            name = self.names[self.layout.locate(index)[0][0]]
+            raise ValueError(f"the snapshot has a non-finite value in parameter {name!r}; it was not taken")
         flat = flat.to(self.fit_device)
-        self.snapshots_seen += 1
         if self.decomposition is None:
             self._buffer.record(self.layout.split(flat))
+            self.snapshots_seen += 1
             if self.snapshots_seen < self.warmup_snapshots:
                 self._place(flat)
                 return
@@ -108,6 +116,7 @@ class OnlineCMD(nn.Module):
             self._buffer = None  # the snapshots are freed here
         else:
             self.decomposition.update(flat)
+            self.snapshots_seen += 1
         d = self.decomposition
         self._place(d.evaluate(flat[d.references]))
 
@@ -124,6 +133,13 @@ class OnlineCMD(nn.Module):
         self.snapshots_seen = decomposition.num_snapshots
         latest = latest.to(self.fit_device)
         self._place(decomposition.evaluate(latest[decomposition.references]))
+
+    def _check_shapes(self, shapes: dict, whose: str) -> None:
+        """Refuse ``shapes`` (name -> shape of taking-part parameters) where one differs from the held parameter."""
+        for name, p in zip(self.names, self._held):
+            if name in shapes and tuple(shapes[name]) != tuple(p.shape):
+                raise ValueError(f"{whose} parameter {name!r} has shape {tuple(shapes[name])}, OnlineCMD holds "
+                                 f"{tuple(p.shape)}")
 
     def _place(self, flat: torch.Tensor) -> None:
         for p, piece in zip(self._held, self.layout.split(flat)):
@@ -142,6 +158,13 @@ class OnlineCMD(nn.Module):
                 own[name].copy_(b)
 
     # ------------------------------------------------------------------ state
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        # shapes are checked before anything is loaded (torch refuses them only after loading the rest)
+        keys = {name: f"{prefix}module.{name}" for name in self.names}
+        self._check_shapes({name: state_dict[key].shape for name, key in keys.items()
+                            if isinstance(state_dict.get(key), torch.Tensor)}, "the state's")
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def get_extra_state(self) -> dict:
         state = {"snapshots_seen": self.snapshots_seen, "names": list(self.names)}
         if self.decomposition is not None:

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 from transformers import TrainerCallback
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_pt_utils import get_parameter_names
+from transformers.utils import find_labels
 
 from ..core._checks import check_int
 from ..optim import CMDOptimizer, find_cmd_optimizer
@@ -134,11 +136,13 @@ class OnlineCMDCallback(TrainerCallback):
     """Fits an :class:`~cmd_optim.OnlineCMD` model beside the Trainer's and evaluates and saves it with it.
 
     Every ``every`` optimizer steps the CMD model takes a snapshot of the Trainer's model. At each
-    evaluation it is run on the evaluation set too: ``eval_cmd_loss`` (and ``eval_cmd_accuracy`` for
-    classifiers) join the metrics and ``log_history``. At each checkpoint its state_dict is written to
-    ``online_cmd.pt`` in the checkpoint folder. A resumed Trainer does not tell callbacks which checkpoint
-    it resumes from: pass the same folder as ``resume_from_checkpoint`` (otherwise the callback looks for
-    ``output_dir/checkpoint-<step>`` and warns if the file is not there).
+    evaluation it is run on the evaluation set too: ``eval_cmd_loss`` and, for a model with one label,
+    ``eval_cmd_accuracy`` join the metrics and ``log_history``. The labels are the Trainer's
+    (``args.label_names``, or the model's own); the accuracy is per example for classifiers, per token
+    for token-level labels and per next token for causal LMs, labels -100 not counted. At each checkpoint
+    its state_dict is written to ``online_cmd.pt`` in the checkpoint folder. A resumed Trainer does not tell
+    callbacks which checkpoint it resumes from: pass the same folder as ``resume_from_checkpoint``
+    (otherwise the callback looks for ``output_dir/checkpoint-<step>`` and warns if the file is not there).
     """
 
     FILE = "online_cmd.pt"
@@ -172,19 +176,23 @@ class OnlineCMDCallback(TrainerCallback):
         if eval_dataloader is None or metrics is None:
             return control
         device = next(model.parameters()).device
+        names = args.label_names if args.label_names is not None else find_labels(type(model))
+        shift = type(model).__name__ in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         self.cmd_model.to(device).eval()
-        losses, correct, count = [], 0, 0
+        loss, examples, correct, counted = 0.0, 0, 0, 0
         for batch in eval_dataloader:
             batch = {key: value.to(device) for key, value in batch.items()}
             output = self.cmd_model(**batch)
-            losses.append(float(output.loss) * len(batch["labels"]))
-            count += len(batch["labels"])
+            size = len(next(iter(batch.values())))
+            loss += float(output.loss) * size
+            examples += size
             logits = getattr(output, "logits", None)
-            if logits is not None and logits.shape[:-1] == batch["labels"].shape:
-                correct += int((logits.argmax(-1) == batch["labels"]).sum())
-        cmd_metrics = {"eval_cmd_loss": sum(losses) / max(count, 1)}
-        if correct or count:
-            cmd_metrics["eval_cmd_accuracy"] = correct / max(count, 1)
+            if len(names) == 1 and logits is not None and names[0] in batch:
+                hits, tokens = _hits(logits, batch[names[0]], shift)
+                correct, counted = correct + hits, counted + tokens
+        cmd_metrics = {"eval_cmd_loss": loss / max(examples, 1)}
+        if counted:
+            cmd_metrics["eval_cmd_accuracy"] = correct / counted
         metrics.update(cmd_metrics)
         state.log_history.append({**cmd_metrics, "step": state.global_step})
         return control
@@ -194,3 +202,13 @@ class OnlineCMDCallback(TrainerCallback):
         if folder.is_dir():
             torch.save(self.cmd_model.state_dict(), folder / self.FILE)
         return control
+
+
+def _hits(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[int, int]:
+    """Correct predictions and counted labels (not -100); ``shift``: position t predicts label t + 1 (a causal LM)."""
+    if shift:
+        logits, labels = logits[..., :-1, :], labels[..., 1:]
+    if logits.shape[:-1] != labels.shape or labels.is_floating_point():
+        return 0, 0
+    counted = labels != -100
+    return int((logits.argmax(-1) == labels)[counted].sum()), int(counted.sum())

@@ -1,5 +1,7 @@
 """OnlineCMD: the CMD model of a run, fitted online beside it (the paper's evaluated model)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -7,7 +9,7 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 
 from cmd_optim import OnlineCMD
-from tests._helpers import batch_index, mlp, roundtrip
+from tests._helpers import batch_index, mlp, roundtrip, same_weights
 from tests.core.test_decompose import planted, purity
 
 
@@ -100,6 +102,62 @@ def test_resume_from_the_state_dict_is_exact(digits, stop):
     run(40, resumed, resumed_model, start=stop)
     for p, q in zip(whole.module.parameters(), resumed.module.parameters()):
         assert torch.equal(p, q)
+
+
+def _same_state(a, b):
+    """Two state_dicts, the OnlineCMD's extra state included, hold the same values."""
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_state(a[key], b[key]) for key in a)
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def _train_a_little(model, snap):
+    with torch.no_grad():  # a deterministic stand-in for training between snapshots
+        for k, p in enumerate(model.parameters()):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 * snap + k)) * 0.01)
+
+
+@pytest.mark.parametrize("when, value, dtype, error, message", [
+    (1, float("nan"), torch.float32, ValueError, "non-finite value in parameter '2.weight'; it was not taken"),
+    (5, float("inf"), torch.float32, ValueError, "non-finite value in parameter '2.weight'"),  # decomposed by then
+    (1, 7e4, torch.float16, OverflowError, "beyond snapshot_dtype=torch.float16's range"),
+], ids=["nan-in-the-warm-up", "inf-after-the-decomposition", "beyond-float16"])
+def test_a_refused_snapshot_leaves_online_cmd_as_it_was(when, value, dtype, error, message):
+    model = mlp(hidden=8)
+    cmd, clean = (OnlineCMD(model, modes=2, warmup_snapshots=4, samples=50, snapshot_dtype=dtype) for _ in range(2))
+    for snap in range(8):
+        _train_a_little(model, snap)
+        if snap == when:
+            bad = copy.deepcopy(model)
+            with torch.no_grad():
+                bad[2].weight[0, 0] = value
+            before = roundtrip(cmd.state_dict())
+            with pytest.raises(error, match=message):
+                cmd.update_parameters(bad)
+            assert _same_state(roundtrip(cmd.state_dict()), before)
+        cmd.update_parameters(model)
+        clean.update_parameters(model)
+    assert cmd.snapshots_seen == 8 and same_weights(cmd.module, clean.module)
+
+
+def test_parameters_of_other_shapes_are_refused_naming_both_shapes():
+    model = mlp(hidden=8)
+    cmd = OnlineCMD(model, modes=2, warmup_snapshots=4, samples=50)
+    transposed = copy.deepcopy(model)  # as many elements in every parameter, (64, 8) where OnlineCMD holds (8, 64)
+    transposed[0].weight = nn.Parameter(model[0].weight.detach().t().contiguous())
+    for other, shape in [(transposed, r"\(64, 8\)"), (mlp(hidden=12), r"\(12, 64\)")]:
+        message = rf"model's parameter '0.weight' has shape {shape}, OnlineCMD holds \(8, 64\)"
+        with pytest.raises(ValueError, match=message):
+            cmd.update_parameters(other)
+    assert cmd.snapshots_seen == 0
+    cmd.update_parameters(model)
+    saved = OnlineCMD(transposed, modes=2, warmup_snapshots=4, samples=50)
+    for _ in range(2):
+        saved.update_parameters(transposed)
+    before = roundtrip(cmd.state_dict())
+    with pytest.raises(ValueError, match=r"the state's parameter '0.weight' has shape \(64, 8\), OnlineCMD holds"):
+        cmd.load_state_dict(saved.state_dict())
+    assert _same_state(roundtrip(cmd.state_dict()), before)  # nothing loaded before the refusal
 
 
 def test_buffers_follow_the_model_and_update_bn_works():

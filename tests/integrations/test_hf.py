@@ -245,3 +245,66 @@ def test_online_cmd_callback_fits_evaluates_saves_and_resumes(tmp_path, data, fr
     assert resumed.snapshots_seen == 8
     for p, q in zip(cmd_model.module.parameters(), resumed.module.parameters()):
         assert torch.equal(p, q)
+
+
+def test_online_cmd_callback_reports_next_token_accuracy_for_causal_lms(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from cmd_optim import OnlineCMD
+    from cmd_optim.integrations.hf import OnlineCMDCallback
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=32, n_layer=2, n_head=2))
+    ids = torch.randint(3, 40, (96, 12))
+    mask = (torch.arange(12) < torch.randint(4, 13, (96, 1))).long()  # padded on the right
+    data = [{"input_ids": i * m, "attention_mask": m, "labels": i.masked_fill(m == 0, -100)} for i, m in zip(ids, mask)]
+    cmd_model = OnlineCMD(model, modes=4, warmup_snapshots=4, samples=300)
+    args = arguments(tmp_path, max_steps=6, eval_strategy="steps", eval_steps=6, per_device_train_batch_size=16,
+                     per_device_eval_batch_size=16)
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:64],
+                      callbacks=[OnlineCMDCallback(cmd_model)])
+    trainer.train()
+    logged = [log for log in trainer.state.log_history if "eval_cmd_accuracy" in log][-1]
+    loss, correct, counted = 0.0, 0, 0
+    with torch.no_grad():
+        for start in range(0, 64, 16):  # by hand, the batches of the evaluation
+            batch = {key: torch.stack([row[key] for row in data[start:start + 16]]) for key in data[0]}
+            output = cmd_model.module(**batch)
+            loss += float(output.loss) * 16
+            predicted, target = output.logits[:, :-1].argmax(-1), batch["labels"][:, 1:]
+            correct += int((predicted == target)[target != -100].sum())
+            counted += int((target != -100).sum())
+    assert logged["eval_cmd_accuracy"] == pytest.approx(correct / counted) and 0 < correct < counted
+    assert logged["eval_cmd_loss"] == pytest.approx(loss / 64)
+
+
+def test_online_cmd_callback_uses_the_trainers_label_names(tmp_path):
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from cmd_optim import OnlineCMD
+    from cmd_optim.integrations.hf import OnlineCMDCallback
+
+    class Targets(torch.nn.Module):  # its labels are called "target"
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x, target=None):
+            logits = self.lin(x)
+            return SequenceClassifierOutput(loss=torch.nn.functional.cross_entropy(logits, target), logits=logits)
+
+    torch.manual_seed(0)
+    model = Targets()
+    x, target = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    data = [{"x": x[i], "target": target[i]} for i in range(64)]
+    cmd_model = OnlineCMD(model, modes=2, warmup_snapshots=3, samples=10)
+    args = arguments(tmp_path, max_steps=4, eval_strategy="steps", eval_steps=4, label_names=["target"],
+                     per_device_train_batch_size=8)
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data,
+                      callbacks=[OnlineCMDCallback(cmd_model)])
+    trainer.train()
+    logged = [log for log in trainer.state.log_history if "eval_cmd_accuracy" in log][-1]
+    with torch.no_grad():
+        output = cmd_model.module(x, target)
+    assert logged["eval_cmd_accuracy"] == pytest.approx(float((output.logits.argmax(-1) == target).float().mean()))
+    assert logged["eval_cmd_loss"] == pytest.approx(float(output.loss))
