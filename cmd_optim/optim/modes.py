@@ -14,6 +14,7 @@ the step length).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -32,6 +33,18 @@ from .warmup import WarmupPhase, load_base_state
 __all__ = ["ModePhase", "Modes"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _warn_still(setup: Setup, mode_map: ModeMap) -> None:
+    """Warn about tracked parameters whose every slope is 0 (frozen or unmoved over the warm-up): the mode
+    reduction can never move them."""
+    still = [setup.params.names[p][0] for p, u in zip(setup.params.tracked, mode_map.slopes)
+             if u.numel() and not bool(u.any())]
+    if still:
+        warnings.warn(f"{len(still)} parameters did not move during the warm-up ({', '.join(still[:5])}"
+                      f"{', ...' if len(still) > 5 else ''}): the mode reduction gives them slope 0 and they will "
+                      "not train after the switch, even if unfrozen; keep them free (keep_free=...) or use the "
+                      "default reduction", RuntimeWarning, stacklevel=5)
 
 
 @register
@@ -87,6 +100,7 @@ class Modes(Decomposed):
         report = self.report(d, setup)
         mode_map = ModeMap.from_fit(fit, setup.local_tracked(), params.tracked_groups, len(params.groups),
                                     self.max_slope, kernel=self.kernel, reduce=setup.shard_sum)
+        _warn_still(setup, mode_map)
         if self.speed_limit:
             per_snapshot = profiles.diff(dim=1).abs().amax(dim=1).to(mode_map.device)
             speed = (per_snapshot * mode_map.mode_rms / self.snapshot_every)[mode_map.mode_of_coefficient()]

@@ -187,3 +187,14 @@ def test_e12_a_huge_gradient_element_does_not_stop_later_refreshes():
     assert all(torch.isfinite(p).all() for p in m.parameters())
     assert opt.reduced_phase.refreshes >= refreshes + 6
     assert not torch.equal(basis, opt.reduced_phase.map.bases[0])
+
+
+def test_c7_the_mode_switch_names_a_layer_frozen_over_the_whole_warmup():
+    data, m = _data(), _net()
+    opt = CMDOptimizer(m, base=torch.optim.SGD, modes=4, samples=100, switch_after=20, snapshot_every=5, lr=0.05)
+    m[0].weight.requires_grad_(False)  # frozen after construction, for the whole warm-up
+    for _ in range(19):
+        _step(m, opt, data)
+    with pytest.warns(RuntimeWarning, match=r"1 parameters did not move during the warm-up \(0.weight\)"):
+        _step(m, opt, data)
+    assert opt.phase == "reduced"
