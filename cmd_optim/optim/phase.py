@@ -7,6 +7,8 @@ optimizer validates, counts and keeps the state_dict envelope; a phase steps.
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -109,14 +111,16 @@ def guarded_step(optimizer: torch.optim.Optimizer, loss, closure: Callable | Non
 
     Later calls (LBFGS re-evaluates during its line search) run ``reevaluate`` (default ``closure``) and
     check the gradients of ``watched``: if one is not finite, the step is undone (``watched`` and
-    ``restore`` set back to their values before it) and False is returned.
+    ``restore`` set back to their values before it, LBFGS's own state too) and False is returned.
     """
     if closure is None:
         optimizer.step()
         return True
     reevaluate = reevaluate or closure
     keep = list(watched) + list(restore)
-    saved = [p.detach().clone() for p in keep] if isinstance(optimizer, torch.optim.LBFGS) else None
+    lbfgs = isinstance(optimizer, torch.optim.LBFGS)
+    saved = [p.detach().clone() for p in keep] if lbfgs else None
+    saved_state = copy.deepcopy(dict(optimizer.state)) if lbfgs else None  # its history and direction
     pending = [loss]
 
     def replay():
@@ -137,5 +141,7 @@ def guarded_step(optimizer: torch.optim.Optimizer, loss, closure: Callable | Non
         with torch.no_grad():
             for p, value in zip(keep, saved):
                 p.copy_(value)
+        optimizer.state.clear()
+        optimizer.state.update(saved_state)
         return False
     return True

@@ -198,3 +198,34 @@ def test_c7_the_mode_switch_names_a_layer_frozen_over_the_whole_warmup():
     with pytest.warns(RuntimeWarning, match=r"1 parameters did not move during the warm-up \(0.weight\)"):
         _step(m, opt, data)
     assert opt.phase == "reduced"
+
+
+@pytest.mark.parametrize("reduction", ["modes", None])
+def test_e6_an_lbfgs_step_undone_in_its_first_step_leaves_lbfgs_usable(reduction):
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+    m = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    opt = CMDOptimizer(m, base=torch.optim.LBFGS, switch_after=30, snapshot_every=5, reduction=reduction, lr=0.5,
+                       max_iter=4)
+    calls = [0]
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        calls[0] += 1
+        if calls[0] == 2:  # one bad line-search re-evaluation
+            for p in m.parameters():
+                p.grad.fill_(float("nan"))
+        return loss
+
+    start = [p.detach().clone() for p in m.parameters()]
+    with torch.no_grad():
+        first = float(nn.functional.cross_entropy(m(x), y))
+    opt.step(closure)
+    assert opt.skipped_steps == 1 and all(torch.equal(p, s) for p, s in zip(m.parameters(), start))
+    assert opt.inner_optimizer.state == {} or "prev_flat_grad" not in next(iter(opt.inner_optimizer.state.values()))
+    for _ in range(5):
+        opt.step(closure)
+    with torch.no_grad():
+        assert opt.steps_taken == 5 and float(nn.functional.cross_entropy(m(x), y)) < first
