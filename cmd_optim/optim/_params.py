@@ -101,6 +101,8 @@ def _entries(model) -> tuple[list[dict], dict]:
         named = list(model.named_parameters(remove_duplicate=False))
         for name, p in named:
             names.setdefault(p, []).append(name)
+            if "_orig_mod." in name:  # torch.compile's wrapper: the name of the module the user wrote answers too
+                names[p].append(name.replace("_orig_mod.", ""))
         first = {p: ns[0] for p, ns in names.items()}
         names = {p: ns[1:] for p, ns in names.items()}  # the first name is added while gathering
         return [{"params": [(first[p], p) for p in first]}], names

@@ -229,3 +229,14 @@ def test_e6_an_lbfgs_step_undone_in_its_first_step_leaves_lbfgs_usable(reduction
         opt.step(closure)
     with torch.no_grad():
         assert opt.steps_taken == 5 and float(nn.functional.cross_entropy(m(x), y)) < first
+
+
+def test_d6_keep_free_patterns_match_a_compiled_models_parameters():
+    m = _net()
+    compiled = torch.compile(m)
+    assert next(iter(dict(compiled.named_parameters()))).startswith("_orig_mod.")
+    opt = CMDOptimizer(compiled, base=torch.optim.SGD, switch_after=5, keep_free=["2.*"], lr=0.05, momentum=0.9)
+    data = _data()
+    for _ in range(5):
+        _step(m, opt, data)  # the eager module's forward: the same parameters
+    assert [entry["name"] for entry in opt.switch_report["matrices"]] in (["0.weight"], ["_orig_mod.0.weight"])
