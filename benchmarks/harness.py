@@ -339,6 +339,40 @@ def write_doc(body: str, doc: Path = DOC) -> None:
     doc.write_text(text)
 
 
+#: the peer rows compared with the default at equal memory (GaLore, APOLLO) and equal trainable numbers
+#: (LoRA at the matched rank); each family at the better of its two rates
+FRONTIER = {"GaLore": ("galore", "galore_lr4"), "APOLLO": ("apollo", "apollo_lr4"), "LoRA": ("lora", "lora_lr10")}
+
+
+def _mean_of(rows: list[dict], method: str, key: str) -> float | None:
+    values = [r.get(key) for r in rows if r["method"] == method]
+    return statistics.mean(values) if values and all(v is not None for v in values) else None
+
+
+def summary(records: list[dict], names: list[str], method: str = "default") -> str:
+    """One line per task: ``method``'s recovery and state against full training's, and its final validation
+    loss against the best rate of each peer family (lower is better; "-" where the family did not run)."""
+    lines = [f"| task | {method}: recovery (loss) | its state / the base's in full | "
+             + " | ".join(f"{family}: best loss vs {method}'s" for family in FRONTIER) + " |",
+             "|---|---|---|" + "---|" * len(FRONTIER)]
+    for name in names:
+        mine = [r for r in records if r["task"] == name]
+        loss, recovery = _mean_of(mine, method, "val_loss"), _mean_of(mine, method, "recovery_loss")
+        state, full = _mean_of(mine, method, "state_bytes"), _mean_of(mine, "full", "state_bytes")
+        if loss is None or recovery is None or not full:
+            continue
+        cells = []
+        for rows in FRONTIER.values():
+            losses = [v for v in (_mean_of(mine, row, "val_loss") for row in rows) if v is not None]
+            if not losses:
+                cells.append("-")
+                continue
+            best = min(losses)
+            cells.append(f"{best:.4f} vs {loss:.4f} ({'CMD ahead' if loss <= best else 'CMD behind'})")
+        lines.append(f"| {name} | {recovery:.2f} | {state / full:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def report(payload: dict) -> None:
     """The doc section and the plot from a harness payload (``meta`` and ``records``)."""
     records, meta = payload["records"], payload["meta"]
@@ -359,6 +393,10 @@ validation loss, sign-flipped on accuracy (token accuracy for LMs), per seed in 
 CMD's `state_bytes`, otherwise the tensors in the optimizer's state. "continued": wall seconds of steps W..T.
 
 Machine: {meta['machine']} (the runs: one thread per worker process); commit {meta['commit']}. Command: `{meta['command']}` ({meta['total_s']:.0f} s).
+
+Summary (seed means; "behind" is where CMD loses):
+
+{summary(records, names)}
 
 {chr(10).join(task_table(n, records, meta["quick"]) for n in names)}
 {f"![frontier](img/{image})" if image else ""}
