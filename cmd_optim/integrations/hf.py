@@ -85,6 +85,9 @@ class CMDCallback(TrainerCallback):
         return callback
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        cmd = find_cmd_optimizer(optimizer)
+        if cmd is not None and cmd.switch_report is not None and cmd.switch_report["step"] < cmd.steps_taken:
+            self._switch_logged = True  # resumed after the switch: the run that switched logged it
         wrapped = getattr(self._trainer, "model_wrapped", None)
         if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) and self.hook_state is None:
             cmd = find_cmd_optimizer(optimizer)

@@ -179,6 +179,20 @@ def test_cmd_callback_reaches_reporters_and_log_history(tmp_path, data, fresh_mo
     assert any("cmd/relative_error" in log for log in trainer.state.log_history)
 
 
+def test_a_trainer_resumed_after_the_switch_does_not_log_the_switch_again(tmp_path, data, fresh_model):
+    def run(output, resume=None):
+        model = fresh_model()
+        reporter = Recorder()
+        trainer = Trainer(model=model, args=arguments(output, save_strategy="steps", save_steps=30),
+                          train_dataset=data[0], optimizers=(cmd(model), None), callbacks=[reporter])
+        CMDCallback.install(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return [log for log in reporter.logs if "cmd/switch_step" in log]
+
+    assert [log["cmd/switch_step"] for log in run(tmp_path / "whole")] == [20]
+    assert run(tmp_path / "resumed", resume=str(tmp_path / "whole" / "checkpoint-30")) == []
+
+
 @pytest.mark.parametrize("factory", ["optimizers", "cls_and_kwargs"])
 def test_fp16_grad_scaler_on_gpu(tmp_path, data, fresh_model, factory):
     if not torch.cuda.is_available():
