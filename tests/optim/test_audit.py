@@ -240,3 +240,21 @@ def test_d6_keep_free_patterns_match_a_compiled_models_parameters():
     for _ in range(5):
         _step(m, opt, data)  # the eager module's forward: the same parameters
     assert [entry["name"] for entry in opt.switch_report["matrices"]] in (["0.weight"], ["_orig_mod.0.weight"])
+
+
+def test_d10_a_warmup_state_goes_back_to_a_plain_optimizer():
+    data, m = _data(), _net()
+    opt = CMDOptimizer(m, base=torch.optim.SGD, switch_after=50, keep_free=["2.*"], lr=0.05, momentum=0.9)
+    for _ in range(5):
+        _step(m, opt, data)
+    groups = [{**g, "params": list(g["params"])} for g in opt.param_groups]
+    plain = torch.optim.SGD(groups, lr=0.05, momentum=0.9)
+    plain.load_state_dict(roundtrip(opt.inner_optimizer.state_dict()))
+    reference = _net()
+    reference.load_state_dict(m.state_dict())
+    twin = CMDOptimizer(reference, base=torch.optim.SGD, switch_after=50, keep_free=["2.*"], lr=0.05, momentum=0.9)
+    twin.load_state_dict(roundtrip(opt.state_dict()))
+    for _ in range(3):
+        _step(m, plain, data)
+        _step(reference, twin, data)
+    assert all(torch.equal(p, q) for p, q in zip(m.parameters(), reference.parameters()))
