@@ -163,10 +163,21 @@ class OnlineCMD(nn.Module):
         keys = {name: f"{prefix}module.{name}" for name in self.names}
         self._check_shapes({name: state_dict[key].shape for name, key in keys.items()
                             if isinstance(state_dict.get(key), torch.Tensor)}, "the state's")
+        extra = state_dict.get(f"{prefix}_extra_state")
+        saved = extra.get("settings") if isinstance(extra, dict) else None
+        if saved is not None and saved != self._settings():  # (states of earlier versions carry none)
+            differ = ", ".join(f"{key}={saved.get(key)!r} (this OnlineCMD: {value!r})"
+                               for key, value in self._settings().items() if saved.get(key) != value)
+            raise ValueError(f"the OnlineCMD state was saved with other settings: {differ}")
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    def _settings(self) -> dict:
+        """The settings a saved state depends on."""
+        return {"modes": self.modes, "warmup_snapshots": self.warmup_snapshots, "samples": self.samples,
+                "seed": self.seed}
+
     def get_extra_state(self) -> dict:
-        state = {"snapshots_seen": self.snapshots_seen, "names": list(self.names)}
+        state = {"snapshots_seen": self.snapshots_seen, "names": list(self.names), "settings": self._settings()}
         if self.decomposition is not None:
             state["decomposition"] = self.decomposition.state_dict()
         else:

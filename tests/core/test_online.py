@@ -255,3 +255,23 @@ def test_the_fit_on_another_device_gives_the_same_held_model(sgd_run):
     torch.testing.assert_close(torch.cat([p.reshape(-1) for p in held]),
                                torch.nn.utils.parameters_to_vector(cpu_cmd.module.parameters()).detach(),
                                atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("other", [dict(warmup_snapshots=4), dict(modes=3)])
+def test_c4_a_state_saved_with_other_settings_is_refused_before_anything_loads(other):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    settings = dict(modes=2, warmup_snapshots=5, samples=50)
+    saved = OnlineCMD(model, **settings)
+    for _ in range(6):  # past the decomposition
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+        saved.update_parameters(model)
+    target = OnlineCMD(nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4)), **{**settings, **other})
+    before = {k: v.clone() for k, v in target.state_dict().items() if isinstance(v, torch.Tensor)}
+    key = next(iter(other))
+    with pytest.raises(ValueError, match=rf"other settings: {key}="):
+        target.load_state_dict(saved.state_dict())
+    after = target.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items()) and target.snapshots_seen == 0
