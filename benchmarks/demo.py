@@ -32,8 +32,8 @@ reduction, each weight matrix inside a small refreshed subspace ({dims} trainabl
 much of full training's gain after the switch a method makes (1 = all of it, 0 = none): default {recovery},
 modes {modes_recovery}. One seed on 540 test digits: one digit is 0.002 of accuracy, so a recovery here is
 noisy (docs/benchmarks.md has several seeds and the test loss). "Optimizer state" is what step() keeps after
-the switch; "time" includes the warm-up. On a model this small CMD saves no time: its savings in
-optimizer state and trainable numbers pay from millions of parameters (docs/benchmarks.md).
+the switch; "time" includes the warm-up. CMD saves optimizer state, not time: its reduced step costs
+more than the base's at every size measured so far (docs/benchmarks.md, section "step").
 """
 
 
