@@ -10,6 +10,9 @@ from ..core import Decomposition, abs_correlation, sample_columns
 
 __all__ = ["pyplot", "write_plots"]
 
+#: layers.png shows at most this many layers, the largest (report.md lists them all).
+LAYERS_SHOWN = 40
+
 
 def pyplot():
     """matplotlib's pyplot on the non-interactive Agg backend, or None without matplotlib."""
@@ -34,45 +37,46 @@ def write_plots(d: Decomposition, trajectory, samples: int, seed: int, out_dir: 
     modes = d.assignment[sampled]
     order = torch.argsort(modes, stable=True)
     corr, _ = abs_correlation(trajectory[:, sampled[order]].double())
-    fig, ax = plt.subplots(figsize=(5.5, 5))
+    fig, ax = plt.subplots(figsize=(5.5, 5), layout="constrained")
     image = ax.imshow(corr.numpy(), cmap="viridis", vmin=0, vmax=1)
     bounds = torch.cumsum(torch.bincount(modes, minlength=d.num_modes), 0).tolist()
     for start, stop in zip([0, *bounds], bounds):
         if stop > start:
             ax.add_patch(plt.Rectangle((start - 0.5, start - 0.5), stop - start, stop - start, fill=False,
                                        edgecolor="white", linewidth=0.6))
-    ax.set(title="|corr| of sampled parameters, ordered by mode (boxes: modes)", xlabel="parameter",
+    ax.set(title="|corr| of sampled parameters, ordered by mode\n(a box per mode)", xlabel="parameter",
            ylabel="parameter")
     fig.colorbar(image)
-    fig.tight_layout()
     fig.savefig(out_dir / "correlation.png", dpi=110)
     plt.close(fig)
 
-    steps = getattr(trajectory, "steps", list(range(trajectory.shape[0])))
-    fig, axes = plt.subplots(d.num_modes, 1, figsize=(6, 1.1 * d.num_modes + 1), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(d.num_modes, 1, figsize=(6, 1.1 * d.num_modes + 1), sharex=True, squeeze=False,
+                             layout="constrained")
     for m, (ax, profile) in enumerate(zip(axes[:, 0], d.profiles.cpu())):
-        ax.plot(steps, profile.numpy(), color=colors(m % colors.N))
+        ax.plot(trajectory.steps, profile.numpy(), color=colors(m % colors.N))
         ax.set_ylabel(f"mode {m}", fontsize=7)
         ax.tick_params(labelsize=6)
     axes[0, 0].set_title("reference value of each mode")
-    axes[-1, 0].set_xlabel("training step")
-    fig.tight_layout()
+    axes[-1, 0].set_xlabel("training step" if trajectory.steps_known else "checkpoint (the number in its name)")
     fig.savefig(out_dir / "profiles.png", dpi=110)
     plt.close(fig)
 
-    names = trajectory.names
-    fig, ax = plt.subplots(figsize=(7, 0.3 * len(names) + 2))
-    counts = torch.stack([torch.bincount(d.assignment[lo:hi], minlength=d.num_modes).float() / (hi - lo)
-                          for lo, hi in zip(trajectory.offsets, trajectory.offsets[1:])])
-    rows = list(range(len(names)))[::-1]  # first layer at the top
-    left = torch.zeros(len(names))
+    sizes = torch.tensor(trajectory.sizes)
+    shown = sorted(torch.argsort(sizes, descending=True, stable=True)[:LAYERS_SHOWN].tolist())
+    counts = torch.stack([torch.bincount(d.assignment[trajectory.offsets[i]:trajectory.offsets[i + 1]],
+                                         minlength=d.num_modes).float() / sizes[i] for i in shown])
+    title = ("make-up of each layer by mode" if len(shown) == len(sizes) else
+             f"make-up of the {len(shown)} largest of {len(sizes)} layers by mode")
+    fig, ax = plt.subplots(figsize=(7, 0.25 * max(len(shown), 10) + 1.5), layout="constrained")
+    rows = list(range(len(shown)))[::-1]  # first layer at the top
+    left = torch.zeros(len(shown))
     for m in range(d.num_modes):
         ax.barh(rows, counts[:, m].numpy(), left=left.numpy(), label=f"mode {m}", color=colors(m % colors.N))
         left += counts[:, m]
-    ax.set_yticks(rows, names, fontsize=6)
-    ax.set(title="make-up of each layer by mode", xlabel="share of the layer's parameters")
-    ax.legend(fontsize=6, ncol=5, loc="lower right")
-    fig.tight_layout()
+    ax.set_yticks(rows, [trajectory.names[i] for i in shown], fontsize=7)
+    ax.set(title=title, xlabel="share of the layer's parameters")
+    ax.margins(y=0.01)
+    ax.legend(fontsize=7, ncols=-(-d.num_modes // 10), loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.savefig(out_dir / "layers.png", dpi=110)
     plt.close(fig)
     return ["correlation.png", "profiles.png", "layers.png"]

@@ -29,12 +29,13 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _NESTED_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _VERSION = re.compile(r"-v\d+$")  # Lightning's suffix for a second file of one name
 _LIGHTNING_COPY = re.compile(r"^last(-v\d+)?$|-v\d+$")  # last.ckpt, and a second file of one name
+_STEP = re.compile(r"step[=_-]?(\d+)", re.IGNORECASE)
 
 
 def _name_step(path: Path) -> int | None:
     """The step in a checkpoint's (Trainer folder's) name: the number after ``step``, else its only number."""
     name = _VERSION.sub("", path.parent.name if path.name in _WEIGHT_FILES else path.stem)
-    after_step = re.search(r"step[=_-]?(\d+)", name, re.IGNORECASE)
+    after_step = _STEP.search(name)
     if after_step:
         return int(after_step.group(1))
     numbers = re.findall(r"\d+", name)
@@ -98,11 +99,13 @@ def _shown(path: Path) -> str:
 class _Weights:
     """One checkpoint file's floating-point tensors, memory-mapped; ``read(name, start, stop)`` gives a flat range.
 
-    ``step`` is the step it was written at (see :func:`checkpoint_step`)."""
+    ``step`` is the step it was written at (see :func:`checkpoint_step`); ``step_known`` says whether it is a
+    training step (recorded, or named as one: ``checkpoint-N``, ``step=N``), not just a number in the name."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.step = _name_step(path)
+        self.step_known = path.name in _WEIGHT_FILES or bool(_STEP.search(path.stem))
         if path.suffix == ".safetensors":
             from safetensors import SafetensorError, safe_open
 
@@ -116,7 +119,7 @@ class _Weights:
         loaded = _torch_load(path)
         recorded = loaded.get("global_step") if isinstance(loaded, dict) else None  # Lightning's
         if isinstance(recorded, int) and not isinstance(recorded, bool):
-            self.step = recorded
+            self.step, self.step_known = recorded, True
         self._tensors = _state_dict_in(loaded, path)
         self.shapes = {name: tuple(t.shape) for name, t in self._tensors.items()
                        if isinstance(t, torch.Tensor) and t.is_floating_point()}
@@ -163,14 +166,16 @@ class CheckpointTrajectory(ColumnSource):
     """The (T, N) trajectory of the floating-point tensors common to all checkpoints, read on demand.
 
     Columns follow the first checkpoint's tensor order (or ``names``, if given); ``names`` and ``sizes``
-    give the layers, ``steps`` the step of each checkpoint (None if unknown). ``chunk_elements`` sets how
-    many values one read covers.
+    give the layers, ``steps`` the step of each checkpoint (None if unknown), ``steps_known`` whether they are
+    all training steps (recorded, or named as such) rather than numbers in the names (epochs, perhaps).
+    ``chunk_elements`` sets how many values one read covers.
     """
 
     def __init__(self, paths, progress: bool = False, chunk_elements: int | None = None,
                  names: list[str] | None = None) -> None:
         self.files = [_Weights(Path(p)) for p in paths]
         self.steps = [f.step for f in self.files]
+        self.steps_known = all(f.step_known for f in self.files)
         first = self.files[0].shapes
         common = [n for n in first if all(f.shapes.get(n) == first[n] for f in self.files[1:])]
         if names is not None:

@@ -23,7 +23,8 @@ def _parser() -> argparse.ArgumentParser:
         "analyze", help="CMD of a run's checkpoints, with a report and plots",
         description="CMD of the checkpoints in RUN_DIR (Trainer checkpoint-* folders, or .safetensors/.pt/.pth/"
                     ".bin/.ckpt files, ordered by the step each records or its name gives; others are skipped with a "
-                    "warning): writes report.md, report.json and PNG plots.")
+                    "warning): writes report.md, report.json and PNG plots (with matplotlib: pip install "
+                    "'cmd-optim[plot]').")
     analyze.add_argument("run_dir", metavar="RUN_DIR", help="folder of the run's checkpoints")
     analyze.add_argument("--out", help="report folder (default RUN_DIR/cmd-analysis)")
     analyze.add_argument("--modes", type=int, default=10, help="the most CMD modes to find (default 10)")

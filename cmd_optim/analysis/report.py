@@ -21,6 +21,8 @@ from .checkpoints import CheckpointTrajectory, _scan
 
 __all__ = ["Report", "analyze", "pca_explained_variance"]
 
+_NO_PLOTS = "no plots written: matplotlib is not installed (pip install 'cmd-optim[plot]')"
+
 
 @dataclass
 class Report:
@@ -28,6 +30,7 @@ class Report:
 
     checkpoints: list[str]
     steps: list[int]
+    steps_known: bool  # training steps (recorded, checkpoint-N, step=N), not just numbers in the names
     skipped: list[str]  # files not analysed: step unknown, or a step another file has
     num_params: int
     num_modes: int
@@ -67,12 +70,15 @@ def analyze(run_dir, out_dir=None, modes: int = 10, samples: int = 1000, seed: i
     layers = {name: torch.bincount(d.assignment[low:high], minlength=d.num_modes).tolist()
               for name, low, high in zip(trajectory.names, trajectory.offsets, trajectory.offsets[1:])}
     report = Report(
-        checkpoints=[str(p) for p in paths], steps=trajectory.steps, skipped=[str(p) for p in skipped],
+        checkpoints=[str(p) for p in paths], steps=trajectory.steps, steps_known=trajectory.steps_known,
+        skipped=[str(p) for p in skipped],
         num_params=d.num_params, num_modes=d.num_modes, mode_sizes=d.mode_sizes.tolist(), layers=layers,
         relative_error=d.fit_quality.relative_error.tolist(), explained_variance=d.fit_quality.explained_variance,
         pca_dims=pca_dims, pca_explained_variance=pca_explained_variance(trajectory, pca_dims), plots=[],
     )
     report.plots = write_plots(d, trajectory, samples, seed, out_dir)
+    if not report.plots:
+        warnings.warn(_NO_PLOTS, stacklevel=2)
     (out_dir / "report.json").write_text(json.dumps(asdict(report), indent=1))
     (out_dir / "report.md").write_text(_markdown(report))
     trajectory.close()
@@ -96,14 +102,16 @@ def pca_explained_variance(trajectory, dims: int) -> float:
 def _markdown(r: Report) -> str:
     rows = "\n".join(f"| {name} | {sum(counts):,} | {' / '.join(str(c) for c in counts)} |"
                      for name, counts in r.layers.items())
-    errors = " ".join(f"{e:.4f}" for e in r.relative_error)
+    errors = " ".join(f"{e:.3g}" for e in r.relative_error)
     pca = f"PCA with {r.pca_dims} dimensions {r.pca_explained_variance:.4f}"
     if r.pca_is_trivial:
         pca += f" (exact by construction with {len(r.checkpoints)} checkpoints: not a comparison)"
+    span = f"{r.steps[0]} to {r.steps[-1]}"
+    span = f"steps {span}" if r.steps_known else f"numbered {span} by their names"
     skipped = f" Skipped (step unknown or another file's): {', '.join(r.skipped)}." if r.skipped else ""
     return f"""# CMD analysis
 
-{len(r.checkpoints)} checkpoints (steps {r.steps[0]} to {r.steps[-1]}), {r.num_params:,} parameters, \
+{len(r.checkpoints)} checkpoints ({span}), {r.num_params:,} parameters, \
 {r.num_modes} modes (sizes {r.mode_sizes}).{skipped}
 
 Explained variance: CMD {r.explained_variance:.4f}; {pca}.
@@ -114,5 +122,5 @@ Relative reconstruction error per checkpoint: {errors}
 |---|---|---|
 {rows}
 
-{chr(10).join(f"![{p}]({p})" for p in r.plots)}
+{chr(10).join(f"![{p}]({p})" for p in r.plots) or _NO_PLOTS.capitalize() + "."}
 """
