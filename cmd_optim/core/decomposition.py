@@ -135,6 +135,27 @@ class Decomposition(_Sizes):
         self.fit_quality = None
         self._refit()
 
+    def keep_columns(self, columns: torch.Tensor) -> None:
+        """Keep only the parameters ``columns`` (increasing indices, every reference among them), in place:
+        their statistics, renumbered ``0 .. len(columns) - 1``; the modes' statistics are unchanged, so
+        :meth:`update` goes on refitting the kept parameters exactly as before (given their values only).
+        The embedded CMD reduction drops the parameters it has embedded this way."""
+        columns = torch.as_tensor(columns, device=self.assignment.device).long()
+        if columns.ndim != 1 or (columns.numel() > 1 and not bool((columns.diff() > 0).all())):
+            raise ValueError("columns must be a 1-D tensor of increasing parameter indices")
+        if columns.numel() and (int(columns[0]) < 0 or int(columns[-1]) >= self.num_params):
+            raise ValueError(f"columns must lie in [0, {self.num_params})")
+        position = torch.searchsorted(columns, self.references)
+        if bool((position >= columns.numel()).any()) or not torch.equal(columns[position.clamp(
+                max=max(columns.numel() - 1, 0))], self.references):
+            raise ValueError("columns must keep every mode's reference")
+        self.assignment = self.assignment[columns]
+        self.references = position
+        self._mean = self._mean[columns]
+        self._comoment = self._comoment[columns]
+        self.fit_quality = None
+        self._refit()
+
     def relative_error(self, trajectory: torch.Tensor) -> torch.Tensor:
         """Per-snapshot relative reconstruction error (T,): ``||w(t) - w_hat(t)|| / ||w(t)||``."""
         return FitQuality.from_sums(*self._residuals(trajectory)).relative_error

@@ -1,11 +1,13 @@
-"""A DistributedDataParallel communication hook that all-reduces mode gradients after the switch.
+"""A DistributedDataParallel communication hook that all-reduces what the reduced phase reads after the switch.
 
 With DDP every rank holds the same parameters, decomposes the same warm-up trajectory with the same
 seed and finds the same modes (the optimizer checks it at the switch). :func:`register_cmd_hook` then
 replaces DDP's gradient all-reduce, in the mode phase, by an all-reduce of each bucket's contribution to
 the mode gradient (C numbers, plus the gradients of the bucket's ``keep_free`` parameters). The
 projection is linear, so the sum over buckets of the averaged contributions is the projection of the
-averaged gradient.
+averaged gradient. In the packed gradual phase (embedded CMD) it all-reduces the gradients of the elements
+not embedded yet and of the free parameters, and writes them back averaged (the embedded elements' gradient
+is not used, so it is not sent): the bytes fall with every embedding round.
 
 The hook talks to the optimizer's public :class:`~cmd_optim.optim.ModeExchange` only (it and the
 optimizer do not import each other); in the warm-up it is DDP's default all-reduce.
@@ -45,7 +47,9 @@ def register_cmd_hook(ddp_model: "torch.nn.parallel.DistributedDataParallel", op
                       process_group=None) -> CMDHookState:
     """Register the CMD communication hook on ``ddp_model``; returns its state (with the byte count).
 
-    Warm-up: DDP's default averaged all-reduce. Mode phase: per bucket one all-reduce of
+    Warm-up (and reductions that read the whole gradient): DDP's default averaged all-reduce. Packed gradual
+    phase: per bucket one all-reduce of the live elements' gradients and the free parameters', written back
+    averaged (the embedded elements' ``.grad`` become 0). Mode phase: per bucket one all-reduce of
     ``[sum_i u_i g_i per coefficient, gradients of the bucket's keep_free parameters]``; the mode sums
     reach ``optimizer.step()``, the free gradients are written back averaged, and the mapped parameters'
     ``.grad`` keep this rank's local gradient (so clipping them changes nothing; the non-finite check
@@ -69,9 +73,19 @@ def _cmd_hook(state: CMDHookState, bucket: dist.GradBucket) -> torch.futures.Fut
         return default_hooks.allreduce_hook(state.process_group, bucket)
 
     params, grads = bucket.parameters(), bucket.gradients()
+    world = dist.get_world_size(state.process_group)
+    if exchange.packed:
+        payload = exchange.pack(params, grads).div_(world)
+        state.bytes_sent += payload.numel() * payload.element_size()
+
+        def write_back(fut):
+            exchange.unpack(bucket.index(), fut.value()[0], params, grads)
+            return buffer
+
+        return dist.all_reduce(payload, group=state.process_group, async_op=True).get_future().then(write_back)
+
     free = [g for p, g in zip(params, grads) if not exchange.is_mapped(p)]
     sums = exchange.mode_sums(params, grads)
-    world = dist.get_world_size(state.process_group)
     payload = torch.cat([sums.to(buffer.dtype), *(g.reshape(-1) for g in free)]).div_(world)
     state.bytes_sent += payload.numel() * payload.element_size()
 

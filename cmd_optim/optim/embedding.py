@@ -3,7 +3,14 @@
 An embedded parameter stops training and follows ``w_i = a_i * r_m(i) + b_i``, with its slope ``a_i``
 and offset ``b_i`` frozen at the round that embedded it and ``r_m`` the current value of its mode's
 reference (references are never embedded and keep training, as do the parameters not embedded yet).
-Between rounds the online CMD fit (:meth:`Decomposition.update`) refines every ``a, b`` at each snapshot.
+Between rounds the online CMD fit (:meth:`Decomposition.update`) refines the ``a, b`` of the parameters
+not embedded yet at each snapshot.
+
+What an embedded parameter costs from its round on: its flag, its frozen slope and offset and its mode
+(10 bytes with a float32 fit). Everything else is kept for the *live* (not yet embedded) parameters only:
+the Decomposition's running statistics are cut down to their columns at each round
+(:meth:`Decomposition.keep_columns`), and :attr:`GradualEmbedding.positions` tells the reduced phase which
+elements of each tensor its base optimizer still steps.
 """
 
 from __future__ import annotations
@@ -13,87 +20,140 @@ import math
 import torch
 
 from ..core import Decomposition, FlatLayout
+from ._params import tensor_bytes
 
-__all__ = ["GradualEmbedding"]
+__all__ = ["GradualEmbedding", "gather"]
 
-_STATE = ("embedded", "tied_slope", "tied_offset", "round_slope", "round_offset")
+_VECTORS = ("embedded", "tied_slope", "tied_offset", "modes")  # (N,): one entry per tracked element
+_LIVE = ("round_slope", "round_offset")  # one entry per live element
+_COUNTS = ("snapshots_since_round", "rounds")
+
+
+def gather(t: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """``t``'s elements at flat ``positions`` (None: all of them), as a 1-D tensor."""
+    return t.reshape(-1) if positions is None else t.reshape(-1)[positions]
 
 
 class GradualEmbedding:
     """Which parameters follow their mode, and the frozen slope and offset they follow it with.
 
     Args:
-        decomposition: the CMD fit of the concatenated ``params`` at the end of the warm-up.
+        decomposition: the CMD fit of the concatenated ``params`` at the end of the warm-up (all of them live);
+            from then on it covers the live parameters only (``decomposition.num_params == num_live``; its
+            ``references`` and ``assignment`` are numbered among them).
         params: the decomposed parameters, in the decomposition's column order.
         every: snapshots between two embedding rounds (L).
         fraction: share of the not-yet-embedded, non-reference parameters embedded per round (P).
+        state: a :meth:`state_dict` to restore (then ``decomposition`` is the saved one, over the live
+            parameters); every entry is checked, and nothing is built unless all pass.
 
     A round embeds the parameters whose fitted line moved least since the previous round, measured in
-    weight units over the spread of the reference: ``|da| * std(r) + |d(a * mean(r) + b)|``.
+    weight units over the spread of the reference: ``|da| * std(r) + |d(a * mean(r) + b)|`` (ties go to the
+    earlier parameter).
 
-    Memory beyond the base optimizer and the Decomposition's running statistics: per parameter, the
-    embedded flag, the tied slope and offset and those of the previous round (17 bytes) on the
-    decomposition's device, and a copy of flag, tied slope and offset and mode (10 bytes) on the parameter's.
+    Public attributes, over all N tracked elements in decomposition order: ``embedded`` (bool), ``tied_slope``
+    and ``tied_offset`` (the line an embedded element follows; 0 for a live one), ``modes`` (each element's
+    mode), ``references`` (each mode's reference element). ``positions``: per parameter, the flat positions
+    of its live elements (a LongTensor on its device), or None while all of them are live (no memory);
+    ``live_counts``: how many each has.
     """
 
-    def __init__(self, decomposition: Decomposition, params, every: int, fraction: float) -> None:
+    def __init__(self, decomposition: Decomposition, params, every: int, fraction: float,
+                 state: dict | None = None) -> None:
         d = decomposition
-        self.decomposition = d
         self.params = list(params)
-        self.every, self.fraction = every, fraction
-        self.embedded = torch.zeros(d.num_params, dtype=torch.bool, device=d.a.device)
-        self.tied_slope, self.tied_offset = torch.zeros_like(d.a), torch.zeros_like(d.b)
-        self.round_slope, self.round_offset = d.a.clone(), d.b.clone()
-        self.snapshots_since_round = 0
-        self.rounds = 0
         self.layout = FlatLayout(self.params)
-        self._is_reference = torch.zeros_like(self.embedded)
-        self._is_reference[d.references] = True
-        self._reference_at = self.layout.locate(d.references)  # (parameter, position) of each reference
-        self._refresh_views()
+        self.every, self.fraction = every, fraction
+        n, device = self.layout.numel, d.a.device
+        if state is None:
+            if d.num_params != n:
+                raise ValueError(f"the decomposition has {d.num_params} parameters, the tensors {n}")
+            self.embedded = torch.zeros(n, dtype=torch.bool, device=device)
+            self.tied_slope, self.tied_offset = torch.zeros_like(d.a), torch.zeros_like(d.b)
+            self.modes = d.assignment.to(torch.uint8 if d.num_modes <= 256 else torch.int16)
+            self.references = d.references.clone()
+            self.round_slope, self.round_offset = d.a.clone(), d.b.clone()
+            self.snapshots_since_round = self.rounds = 0
+        else:
+            self._take(state, d, n)
+        self.decomposition = d
+        self._reference_at = self.layout.locate(self.references)  # (parameter, position) of each reference
+        self._refresh()
 
+    # ------------------------------------------------------------------ sizes
     @property
     def num_embedded(self) -> int:
         return int(self.embedded.sum())
 
-    @torch.no_grad()
-    def observe(self, moving) -> None:
-        """A snapshot: refit ``a, b`` online, and every ``every`` snapshots run an embedding round, after
-        which the newly embedded elements of the parameters in ``moving`` are put on their line."""
-        self.decomposition.update(self.layout.flatten(self.params).to(self.embedded.device))
-        self.snapshots_since_round += 1
-        if self.snapshots_since_round == self.every:
-            self._embed_round()
-            self.snapshots_since_round = 0
-            self.follow(moving)
+    @property
+    def num_live(self) -> int:
+        """Tracked elements not embedded yet (the references among them): what the base optimizer steps."""
+        return self.decomposition.num_params
 
-    def _embed_round(self) -> None:
+    def live_indices(self) -> torch.Tensor:
+        """(num_live,) long: the flat (decomposition-order) indices of the live elements, increasing."""
+        return (~self.embedded).nonzero().squeeze(1)
+
+    # ------------------------------------------------------------------ snapshots and rounds
+    @torch.no_grad()
+    def observe(self, moving) -> list[torch.Tensor] | None:
+        """A snapshot: refit the live parameters' ``a, b`` online, and every ``every`` snapshots run an embedding
+        round, after which the newly embedded elements of the parameters in ``moving`` are put on their line.
+
+        Returns None, or after a round that embedded something, per parameter the bool mask of its previous
+        :attr:`positions` that are still live (what the caller's per-element state keeps)."""
+        device = self.embedded.device
+        self.decomposition.update(torch.cat([gather(p.detach(), pos).to(device)
+                                             for p, pos in zip(self.params, self.positions)]))
+        self.snapshots_since_round += 1
+        if self.snapshots_since_round < self.every:
+            return None
+        kept = self._embed_round()
+        self.snapshots_since_round = 0
+        self.follow(moving)
+        return kept
+
+    def _embed_round(self) -> list[torch.Tensor] | None:
         d = self.decomposition
         profile_mean = d.profiles.mean(dim=1)[d.assignment]
         profile_std = d.profiles.std(dim=1)[d.assignment]
         da = d.a - self.round_slope
         drift = da.abs() * profile_std + (da * profile_mean + d.b - self.round_offset).abs()
-        candidates = ~(self.embedded | self._is_reference)
+        candidates = torch.ones(d.num_params, dtype=torch.bool, device=drift.device)
+        candidates[d.references] = False
         count = math.ceil(round(self.fraction * int(candidates.sum()), 6))  # no float dust above an integer
+        kept = None
         if count:
-            chosen = torch.where(candidates, drift, math.inf).topk(count, largest=False).indices
-            self.embedded[chosen] = True
-            self.tied_slope[chosen] = d.a[chosen]
-            self.tied_offset[chosen] = d.b[chosen]
-            self._refresh_views()
+            chosen = torch.sort(torch.where(candidates, drift, math.inf), stable=True).indices[:count]
+            flat = self.live_indices()[chosen]
+            self.embedded[flat] = True
+            self.tied_slope[flat] = d.a[chosen]
+            self.tied_offset[flat] = d.b[chosen]
+            stays = torch.ones(d.num_params, dtype=torch.bool, device=drift.device)
+            stays[chosen] = False
+            d.keep_columns(stays.nonzero().squeeze(1))
+            kept = [piece.to(p.device) for p, piece in zip(self.params, stays.split(self.live_counts))]
+            self._refresh()
         self.round_slope, self.round_offset = d.a.clone(), d.b.clone()
         self.rounds += 1
+        return kept
 
-    def _refresh_views(self) -> None:
-        """Per-parameter copies (on each parameter's device) of what ``follow`` reads every step."""
-        self._views = []
-        sources = (self.embedded, self.tied_slope.float(), self.tied_offset.float(),
-                   self.decomposition.assignment.to(torch.uint8))
+    def _refresh(self) -> None:
+        """Per parameter: its live positions, and views (copies on another device) of what ``follow`` reads."""
+        self.positions, self._views, self.live_counts = [], [], []
         for p, (start, end) in zip(self.params, self.layout.ranges()):
-            if not bool(self.embedded[start:end].any()):
+            mask = self.embedded[start:end]
+            if not bool(mask.any()):
+                self.positions.append(None)
+                self.live_counts.append(end - start)
                 self._views.append(None)
                 continue
-            self._views.append(tuple(t[start:end].view(p.shape).to(p.device) for t in sources))
+            self.positions.append((~mask).nonzero().squeeze(1).to(p.device))
+            self.live_counts.append(self.positions[-1].numel())
+            dtype = p.dtype if p.dtype == torch.float64 else torch.float32
+            self._views.append(tuple(t[start:end].view(p.shape).to(p.device, dtype) if t.is_floating_point()
+                                     else t[start:end].view(p.shape).to(p.device)
+                                     for t in (self.embedded, self.tied_slope, self.tied_offset, self.modes)))
 
     @torch.no_grad()
     def follow(self, moving) -> None:
@@ -105,24 +165,71 @@ class GradualEmbedding:
             if view is None or id(p) not in moving:
                 continue
             mask, a, b, mode = view
-            target = torch.addcmul(b, a, references.to(p.device)[mode.long()])
+            target = torch.addcmul(b, a, references.to(p.device, a.dtype)[mode.long()])
             p.copy_(torch.where(mask, target.to(p.dtype), p))
 
-    def state_dict(self) -> dict:
-        return {**{key: getattr(self, key) for key in _STATE},
-                "snapshots_since_round": self.snapshots_since_round, "rounds": self.rounds}
+    # ------------------------------------------------------------------ state
+    def nbytes(self) -> int:
+        """Bytes held here and in the (live) decomposition; a view of :attr:`tied_slope` etc. on the same device
+        and dtype costs nothing, a copy on the parameter's device counts."""
+        own = [getattr(self, key) for key in (*_VECTORS, *_LIVE, "references")]
+        sources = (self.embedded, self.tied_slope, self.tied_offset, self.modes)
+        copies = [t for view in self._views if view is not None for t, source in zip(view, sources)
+                  if (t.device, t.dtype) != (source.device, source.dtype)]
+        d = self.decomposition
+        return (tensor_bytes(own) + tensor_bytes(self.positions) + tensor_bytes(copies)
+                + tensor_bytes(d.state_dict()) + tensor_bytes([d.a, d.b]))
 
-    def load_state_dict(self, state: dict) -> None:
-        """Take over saved state; every entry is checked before anything changes."""
-        missing = [key for key in (*_STATE, "snapshots_since_round", "rounds") if key not in state]
+    def state_dict(self) -> dict:
+        """Tensors and integers (the live decomposition is saved beside it: ``decomposition.state_dict()``)."""
+        return {**{key: getattr(self, key) for key in (*_VECTORS, *_LIVE, "references")},
+                **{key: getattr(self, key) for key in _COUNTS}}
+
+    def _take(self, state: dict, d: Decomposition, n: int) -> None:
+        """Check a saved state against ``n`` tracked elements and the saved (live) decomposition ``d``, then
+        take it over (copies)."""
+        missing = [key for key in (*_VECTORS, *_LIVE, "references", *_COUNTS) if key not in state]
         if missing:
-            raise ValueError(f"the gradual-embedding state is missing {', '.join(missing)}")
-        for key in _STATE:
-            if not isinstance(state[key], torch.Tensor) or state[key].shape != getattr(self, key).shape:
-                raise ValueError(f"the gradual-embedding state's {key!r} does not match this model's "
-                                 f"{self.decomposition.num_params} parameters")
-        for key in _STATE:
-            getattr(self, key).copy_(state[key])
-        self.snapshots_since_round = int(state["snapshots_since_round"])
-        self.rounds = int(state["rounds"])
-        self._refresh_views()
+            raise ValueError(f"the gradual-embedding state is missing {', '.join(missing)} (a state saved before the "
+                             "embedded elements left the base optimizer's state cannot be resumed here)")
+        for key in (*_VECTORS, *_LIVE, "references"):
+            if not isinstance(state[key], torch.Tensor):
+                raise ValueError(f"the gradual-embedding state's {key!r} is not a tensor")
+        for key in _VECTORS:
+            if tuple(state[key].shape) != (n,):
+                raise ValueError(f"the gradual-embedding state's {key!r} does not match this model's {n} tracked "
+                                 "parameters")
+        embedded = state["embedded"]
+        if embedded.dtype != torch.bool:
+            raise ValueError("the gradual-embedding state's 'embedded' must be a bool tensor")
+        live = int((~embedded).sum())
+        if live != d.num_params:
+            raise ValueError(f"the gradual-embedding state has {live} live parameters, its decomposition "
+                             f"{d.num_params}")
+        for key in _LIVE:
+            if tuple(state[key].shape) != (live,):
+                raise ValueError(f"the gradual-embedding state's {key!r} must have one entry per live parameter ({live})")
+        modes, references = state["modes"], state["references"]
+        if modes.is_floating_point() or (n and (int(modes.min()) < 0 or int(modes.max()) >= d.num_modes)):
+            raise ValueError(f"the gradual-embedding state's 'modes' must hold integers in [0, {d.num_modes})")
+        live_indices = (~embedded).nonzero().squeeze(1).to(d.references.device)
+        if references.dtype != torch.long or tuple(references.shape) != (d.num_modes,) or not torch.equal(
+                live_indices[d.references].cpu(), references.cpu()):
+            raise ValueError("the gradual-embedding state's 'references' are not its decomposition's references")
+        if not torch.equal(modes[~embedded].long().to(d.assignment.device), d.assignment):
+            raise ValueError("the gradual-embedding state's 'modes' disagree with its decomposition's assignment")
+        for key in _COUNTS:
+            if not isinstance(state[key], int) or isinstance(state[key], bool) or state[key] < 0:
+                raise ValueError(f"the gradual-embedding state's {key!r} must be a non-negative integer")
+        if state["snapshots_since_round"] >= self.every:
+            raise ValueError(f"the gradual-embedding state is {state['snapshots_since_round']} snapshots into a round "
+                             f"of every={self.every}")
+        device = d.a.device
+        self.embedded = embedded.to(device).clone()
+        self.tied_slope = state["tied_slope"].to(device, d.a.dtype).clone()
+        self.tied_offset = state["tied_offset"].to(device, d.b.dtype).clone()
+        self.modes = modes.to(device).clone()
+        self.references = references.to(device).clone()
+        self.round_slope = state["round_slope"].to(device, d.a.dtype).clone()
+        self.round_offset = state["round_offset"].to(device, d.b.dtype).clone()
+        self.snapshots_since_round, self.rounds = state["snapshots_since_round"], state["rounds"]

@@ -1,9 +1,16 @@
 """The small public object through which a communication hook and a CMDOptimizer meet.
 
 Neither imports the other (as torch's PostLocalSGD hook and optimizer do not): the hook asks the
-exchange whether the mode phase is on, turns a bucket's gradients into their contribution to the mode
-gradient, and hands the reduced sums back; the optimizer attaches its mode map at the switch and takes
-the sums at its next step.
+exchange what the reduced phase needs of a bucket's gradients, all-reduces that, and hands it back; the
+optimizer's phase attaches what it reads at the switch and checks at its next step that it was exchanged.
+
+Two reduced phases use it:
+
+- the mode reduction attaches its mode map (:meth:`ModeExchange.attach`): a bucket sends its contribution to
+  the mode gradient (:meth:`ModeExchange.mode_sums`) and the gradients of its free parameters;
+- the packed gradual reduction attaches a *packing* (:meth:`ModeExchange.attach_packing`, any object with
+  ``positions_of(param) -> LongTensor | None``): a bucket sends the gradients of its parameters' live
+  elements only (:meth:`ModeExchange.pack`), which are written back averaged (:meth:`ModeExchange.unpack`).
 """
 
 from __future__ import annotations
@@ -29,20 +36,54 @@ class ModeExchange:
     def __init__(self, mapped: Sequence[torch.Tensor]) -> None:
         self._index = {p: i for i, p in enumerate(mapped)}
         self._map: ModeMap | None = None
-        self._pending: dict[int, torch.Tensor] = {}
+        self._packing = None
+        self._pending: dict[int, torch.Tensor | None] = {}
         self.hooked = False
 
     # ------------------------------------------------------------------ the hook's side
     @property
     def active(self) -> bool:
-        return self._map is not None
+        """Whether a reduced phase reads less than the whole gradient (a hook then sends less)."""
+        return self._map is not None or self._packing is not None
+
+    @property
+    def packed(self) -> bool:
+        """True in the packed gradual phase: a hook sends :meth:`pack` and calls :meth:`unpack`."""
+        return self._packing is not None
+
+    def pack(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One bucket's payload in the packed gradual phase: each parameter's gradient at its live elements (the
+        whole gradient of a free parameter), concatenated."""
+        pieces = []
+        for p, g in zip(params, grads):
+            positions = self._packing.positions_of(p)
+            pieces.append(g.reshape(-1) if positions is None else g.reshape(-1)[positions.to(g.device)])
+        return torch.cat(pieces) if pieces else grads[0].new_zeros(0)
+
+    def unpack(self, key: int, reduced: torch.Tensor, params: Sequence[torch.Tensor],
+               grads: Sequence[torch.Tensor]) -> None:
+        """Write the reduced :meth:`pack` payload of bucket ``key`` back into ``grads`` (in place): the live
+        elements averaged, the embedded ones 0 (their gradient was not sent and is not used)."""
+        offset = 0
+        for p, g in zip(params, grads):
+            positions = self._packing.positions_of(p)
+            count = g.numel() if positions is None else positions.numel()
+            piece = reduced[offset:offset + count]
+            if positions is None:
+                g.copy_(piece.view_as(g))
+            else:
+                flat = g.view(-1)
+                flat.zero_()
+                flat.index_copy_(0, positions.to(g.device), piece.to(g.dtype))
+            offset += count
+        self._pending[key] = None
 
     @property
     def num_coefficients(self) -> int:
         return self._map.num_coefficients if self._map is not None else 0
 
     def is_mapped(self, param: torch.Tensor) -> bool:
-        return self.active and param in self._index
+        return self._map is not None and param in self._index
 
     def mode_sums(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """(C,) float64: ``sum_i u_i g_i`` over the mapped parameters among ``params``."""
@@ -66,6 +107,20 @@ class ModeExchange:
     # ------------------------------------------------------------------ the optimizer's side
     def attach(self, mode_map: ModeMap | None) -> None:
         self._map = mode_map
+        self._pending = {}
+
+    def attach_packing(self, packing) -> None:
+        """The packed gradual phase's ``positions_of`` (None: detach)."""
+        self._packing = packing
+        self._pending = {}
+
+    def check_exchanged(self) -> None:
+        """In the packed gradual phase, before a step: raise if a hook is registered but did not exchange the last
+        backward's gradients (the ranks would step on different ones); then forget the buckets."""
+        if self.hooked and self._packing is not None and not self._pending:
+            raise RuntimeError(
+                "CMDOptimizer.step() found no gradients exchanged by the DDP hook: the last backward did not "
+                "synchronise (inside ddp.no_sync(), or not through the DDP-wrapped model)")
         self._pending = {}
 
     def take(self) -> torch.Tensor | None:

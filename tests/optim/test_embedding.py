@@ -26,7 +26,7 @@ def test_a_round_embeds_the_parameters_whose_fit_drifted_least():
     d = decompose(trajectory, modes=2, samples=200, seed=0)
     param = nn.Parameter(trajectory[-1].clone())
     embedding = GradualEmbedding(d, [param], every=1, fraction=0.5)
-    references = set(d.references.tolist())
+    references = set(d.references.tolist())  # (the decomposition covers the live parameters from the round on)
     movers = [i for i in range(200) if i not in references][::2]  # half of the candidates drift away
     steady = torch.ones(200, dtype=torch.bool)
     steady[movers] = False
@@ -41,7 +41,7 @@ def test_a_round_embeds_the_parameters_whose_fit_drifted_least():
     assert embedding.rounds == 1
     assert torch.equal(embedding.embedded, steady)
     # embedded parameters now sit on their frozen line, the others were left where they were
-    line = embedding.tied_slope * param.detach()[d.references][d.assignment] + embedding.tied_offset
+    line = embedding.tied_slope * param.detach()[embedding.references][embedding.modes.long()] + embedding.tied_offset
     torch.testing.assert_close(param.detach()[steady], line[steady])
     assert torch.equal(param.detach()[~steady], snapshot[~steady])
 
@@ -60,4 +60,5 @@ def test_references_are_never_embedded_and_the_count_follows_the_fraction():
             remaining -= -(-3 * remaining // 10)  # ceil(0.3 * remaining)
         assert 200 - embedding.num_embedded == remaining + 2
     assert embedding.rounds == 6
-    assert not embedding.embedded[d.references].any()
+    assert not embedding.embedded[embedding.references].any()
+    assert embedding.decomposition.num_params == embedding.num_live == 200 - embedding.num_embedded

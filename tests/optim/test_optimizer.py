@@ -334,11 +334,12 @@ def test_gradual_embedding_trains_like_sgd_with_fewer_parameters_each_round(digi
     rounds = [dims[s] for s in range(320, 601, 20)]
     assert all(later < earlier for earlier, later in zip([total, *rounds], rounds))
     assert rounds[-1] < 0.05 * total + optimizer.decomposition.num_modes
-    assert not optimizer.embedding.embedded[optimizer.decomposition.references].any()
+    e = optimizer.embedding
+    assert not e.embedded[e.references].any()
+    assert optimizer.decomposition.num_params == e.num_live  # the fit covers the live parameters only
     # embedded parameters sit exactly on their frozen line through the references' current values
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    e, d = optimizer.embedding, optimizer.decomposition
-    line = e.tied_slope * flat[d.references][d.assignment] + e.tied_offset
+    line = e.tied_slope * flat[e.references][e.modes.long()] + e.tied_offset
     torch.testing.assert_close(flat[e.embedded], line[e.embedded])
     cmd_accuracy = accuracy(model, digits)
     assert cmd_accuracy > 0.90 and abs(cmd_accuracy - sgd_accuracy) <= 0.02, (cmd_accuracy, sgd_accuracy)
