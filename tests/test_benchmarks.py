@@ -139,3 +139,41 @@ def test_harness_continues_every_method_from_one_switch(tmp_path):
         assert lora["trainable"] > lora["adapters"]  # the classifier head trains in full
     assert "skipped" in by_task["digits_mlp"]["apollo"]  # an AdamW optimizer, on an SGD task
     assert by_task["mnist1d_gru"]["apollo"]["rank"] == by_task["mnist1d_gru"]["galore"]["rank"]
+
+
+def test_harness_held_out_tasks_are_apart_from_the_development_set_and_learn(tmp_path):
+    from benchmarks import harness, harness_tasks
+
+    assert len(harness.HELD_OUT_TASKS) == 3 and not set(harness.HELD_OUT_TASKS) & set(harness.DEFAULT_TASKS)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        payload = harness.main(["--held-out", "--quick", "--no-write", "--seeds", "1", "--jobs", "1",
+                                "--methods", "full", "default", "--json", str(tmp_path / "held_out.json")])
+    finally:
+        torch.set_num_threads(threads)
+    assert payload["meta"]["command"].startswith("python -m benchmarks.harness --held-out --quick")
+    rows = {(r["task"], r["method"]): r for r in payload["records"]}
+    assert {task for task, _ in rows} == set(harness.HELD_OUT_TASKS)
+    for name in harness.HELD_OUT_TASKS:
+        task = harness.task_of(name, quick=True)
+        untrained = harness_tasks.evaluate(harness_tasks.build(task, 0), harness_tasks.load(task.data))["val_loss"]
+        switch, full, default = rows[name, "switch"], rows[name, "full"], rows[name, "default"]
+        assert not any("error" in r for r in (switch, full, default))
+        assert 50_000 <= full["parameters"] <= 2_000_000
+        # finite (evaluate gives None otherwise) and below the untrained model's after 20 and 40 steps
+        assert switch["val_loss"] < untrained and full["val_loss"] < untrained, name
+        assert default["val_loss"] is not None and default["warmup_max_diff"] <= 1e-6
+        assert default["state_bytes"] < full["state_bytes"]
+
+
+def test_harness_held_out_section_leaves_the_harness_section_alone(tmp_path):
+    from benchmarks import harness
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(f"# B\n\n{harness.HEADING}\n\n{harness.BEGIN}\nthe harness\n{harness.END}\n\nnotes\n")
+    for body in ("first", "second"):
+        harness.write_doc(f"held-out {body}", doc, harness.HELD_OUT)
+    text = doc.read_text()
+    assert text.startswith(f"# B\n\n{harness.HEADING}\n\n{harness.BEGIN}\nthe harness\n{harness.END}\n\nnotes\n")
+    assert text.count(harness.HELD_OUT.heading) == 1 and "held-out second" in text and "held-out first" not in text
