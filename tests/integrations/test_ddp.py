@@ -9,7 +9,7 @@ from torch import nn
 
 from benchmarks import datasets
 from benchmarks.processes import leave_process_group
-from cmd_optim import CMDOptimizer
+from cmd_optim import CMDOptimizer, Gradual
 from cmd_optim.integrations.ddp import register_cmd_hook
 from cmd_optim.optim._dist_checks import check_rank_consistency
 
@@ -94,6 +94,123 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path, hook):
         expected = [4 * (b * ranks[0]["modes"] + head) for b in buckets[WARMUP:]]
         assert sent[WARMUP:] == expected
         assert sent[-1] < sent[0] / 5
+
+
+GRADUAL_STEPS = 60  # switch at 30, a snapshot every 5 steps and a round at each: rounds after 35, 40, ..., 60
+
+
+def gradual_model_and_optimizer(base=torch.optim.SGD, **kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    reduction = Gradual(modes=4, samples=200, snapshot_every=5, every=1, fraction=0.3)
+    optimizer = CMDOptimizer(model, base=base, switch_after=WARMUP, keep_free=["4.*"], reduction=reduction,
+                             **(kwargs or dict(lr=0.05, momentum=0.9)))
+    return model, optimizer
+
+
+def gradual_worker(rank, world, folder, hook):
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    data = datasets.digits(seed=0)
+    model, optimizer = gradual_model_and_optimizer()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.004)  # several buckets
+    state = register_cmd_hook(ddp, optimizer) if hook else None
+    sent, live, state_bytes = [], [], []
+    share = GLOBAL_BATCH // world
+    for step in range(GRADUAL_STEPS):
+        x, y = batch(step, data)
+        before = state.bytes_sent if hook else 0
+        live.append(optimizer.trainable_dims)  # what this step's backward exchanges
+        loss = nn.functional.cross_entropy(ddp(x[rank * share:(rank + 1) * share]), y[rank * share:(rank + 1) * share])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sent.append(state.bytes_sent - before if hook else 0)
+        state_bytes.append(optimizer.state_bytes)
+    torch.save({"params": [p.detach() for p in model.parameters()], "sent": sent, "live": live,
+                "state_bytes": state_bytes, "rounds": optimizer.embedding.rounds, "phase": optimizer.phase},
+               os.path.join(folder, f"rank{rank}.pt"))
+    leave_process_group()
+
+
+def gradual_single_process(world=2):
+    """One process on the global batch (the loss written as the mean of the ranks' shares', as above)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    data = datasets.digits(seed=0)
+    model, optimizer = gradual_model_and_optimizer()
+    share = GLOBAL_BATCH // world
+    for step in range(GRADUAL_STEPS):
+        x, y = batch(step, data)
+        losses = [nn.functional.cross_entropy(model(x[r * share:(r + 1) * share]), y[r * share:(r + 1) * share])
+                  for r in range(world)]
+        (sum(losses) / world).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    torch.set_num_threads(threads)
+    return [p.detach() for p in model.parameters()], optimizer.embedding.num_embedded
+
+
+@pytest.mark.parametrize("hook", [True, False])
+def test_embedded_cmd_on_two_ranks_sends_only_live_gradients_and_matches_one_process(tmp_path, hook):
+    mp.spawn(gradual_worker, args=(2, str(tmp_path), hook), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["phase"] == "reduced" and ranks[0]["rounds"] == 6
+    for p, q in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(p, q)  # identical on every rank
+    single, embedded = gradual_single_process()
+    assert embedded > 0
+    for p, q in zip(ranks[0]["params"], single):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=0)
+    model, _ = gradual_model_and_optimizer()
+    total = sum(p.numel() for p in model.parameters())
+    live, state_bytes = ranks[0]["live"], ranks[0]["state_bytes"]
+    # the optimizer's state falls with each round (the base's state and the fit of the embedded elements go)
+    rounds = [state_bytes[s - 1] for s in range(35, GRADUAL_STEPS + 1, 5)]
+    assert all(later < earlier for earlier, later in zip([state_bytes[WARMUP], *rounds], rounds)), rounds
+    assert rounds[-1] < state_bytes[WARMUP] / 2.5  # an embedded element keeps 10 bytes: flag, line, mode
+    if hook:
+        sent = ranks[0]["sent"]
+        # warm-up: the whole gradient; gradual phase: the live elements' gradients and the free head's
+        assert sent[:WARMUP] == [4 * total] * WARMUP
+        assert sent[WARMUP:] == [4 * n for n in live[WARMUP:]]
+        after_rounds = [sent[s] for s in range(35, GRADUAL_STEPS, 5)]  # the first step after each round
+        assert all(later < earlier for earlier, later in zip([sent[WARMUP], *after_rounds], after_rounds))
+        assert sent[-1] < sent[0] / 4
+
+
+def gradual_no_sync_worker(rank, world, folder):
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    data = datasets.digits(seed=0)
+    model, optimizer = gradual_model_and_optimizer()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    register_cmd_hook(ddp, optimizer)
+    for step in range(WARMUP + 12):
+        x, y = batch(step, data)
+        nn.functional.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    with ddp.no_sync():
+        nn.functional.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
+    try:
+        optimizer.step()
+        outcome = "stepped"
+    except RuntimeError as error:
+        outcome = str(error)
+    unchanged = all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    torch.save({"outcome": outcome, "unchanged": unchanged, "embedded": optimizer.embedding.num_embedded},
+               os.path.join(folder, f"rank{rank}.pt"))
+    leave_process_group()
+
+
+def test_embedded_cmd_refuses_a_step_on_unsynchronised_gradients(tmp_path):
+    mp.spawn(gradual_no_sync_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert "found no gradients exchanged by the DDP hook" in result["outcome"]
+        assert result["unchanged"] and result["embedded"] > 0
 
 
 def disagreeing_worker(rank, world, folder):
