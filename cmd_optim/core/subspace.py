@@ -9,8 +9,8 @@ d = min(m, n) (the *projected side*; the longer one, D = max(m, n), is kept whol
 A step of the reduced phase moves W by the lifted step of the core, plus (optionally) the *residual* part of
 the gradient that the subspace misses, ``G - lift(project(G))``, scaled per line of the long side by how much
 the base optimizer scaled that line's projected gradient (the base's step length over the gradient's, so a
-plain SGD step is reproduced exactly). ``refresh`` replaces a basis with the top-r singular directions of a
-source matrix and returns the rotation ``P_new^T P_old`` (r, r) that carries optimizer state across.
+plain SGD step is reproduced exactly). ``refresh`` replaces bases with the top-r singular directions of
+source matrices and returns the rotations ``P_new^T P_old`` (r, r) that carry optimizer state across.
 
 Each operation has a ``*_reference`` formula; :func:`apply_step` dispatches to the fused path (one GEMM
 into W instead of two and no (m, n) temporary for the residual) or the reference, and the tests hold the
@@ -19,7 +19,7 @@ fused path to the reference.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -123,8 +123,10 @@ def apply_step(weight: torch.Tensor, basis: torch.Tensor, left: bool, step: torc
 
 
 def top_directions(source: torch.Tensor, rank: int, left: bool, seed: int) -> torch.Tensor | None:
-    """Orthonormal (d, rank): the top singular directions of ``source`` (m, n) on its projected side (left:
-    column space, right: row space), or None if ``source`` is zero or not finite. Exact for small matrices;
+    """(d, rank): the top singular directions of ``source`` (m, n) on its projected side (left: column space,
+    right: row space), orthonormal, except that a direction whose singular value is rounding noise (at most
+    ``max(m, n) * eps`` of the largest, as :func:`torch.linalg.matrix_rank` counts) is a zero column, so a
+    core never trains along noise. None if ``source`` is zero or not finite. Exact for small matrices;
     otherwise a randomised range finder with one power iteration, O(m n rank), its Gaussian test matrix drawn
     from ``seed`` (the global RNG is not touched)."""
     a = source.float() if left else source.float().T  # (d, D): directions of the rows
@@ -132,14 +134,16 @@ def top_directions(source: torch.Tensor, rank: int, left: bool, seed: int) -> to
         return None
     d, wide = a.shape
     if rank * 4 >= d:
-        u = torch.linalg.svd(a, full_matrices=False).U
-        return u[:, :rank].contiguous()
-    k = min(rank + 8, d)
-    test = torch.randn(wide, k, generator=torch.Generator().manual_seed(seed)).to(a.device)
-    q = torch.linalg.qr(a @ test).Q
-    q = torch.linalg.qr(a @ (a.T @ q)).Q
-    u = torch.linalg.svd(q.T @ a, full_matrices=False).U
-    return (q @ u[:, :rank]).contiguous()
+        u, s, _ = torch.linalg.svd(a, full_matrices=False)
+    else:
+        k = min(rank + 8, d)
+        test = torch.randn(wide, k, generator=torch.Generator().manual_seed(seed)).to(a.device)
+        q = torch.linalg.qr(a @ test).Q
+        q = torch.linalg.qr(a @ (a.T @ q)).Q
+        u, s, _ = torch.linalg.svd(q.T @ a, full_matrices=False)
+        u = q @ u
+    signal = s[:rank] > s[0] * wide * torch.finfo(torch.float32).eps
+    return (u[:, :rank] * signal).contiguous()
 
 
 def rotate_state(value: torch.Tensor, rotation: torch.Tensor, left: bool, second_moment: bool) -> torch.Tensor:
@@ -197,17 +201,27 @@ class SubspaceMap:
         apply_step(weight, e.basis, e.left, step, None if grad is None else grad.reshape(e.shape), low_grad,
                    self.kernel)
 
-    def refresh(self, index: int, source: torch.Tensor, count: int) -> torch.Tensor | None:
-        """New directions for matrix ``index`` from ``source`` (m, n); the rotation ``P_new^T P_old`` (r, r), or
-        None (basis kept) if ``source`` has no signal."""
-        e = self.entries[index]
-        seed = (self.seed * 1_000_003 + count) * 1009 + index
-        found = top_directions(source.reshape(e.shape), e.rank, e.left, seed)
-        if found is None:
-            return None
-        rotation = found.T @ e.basis
-        e.basis = found
-        return rotation
+    def refresh(self, sources: dict[int, torch.Tensor], count: int,
+                agree: Callable[[list[torch.Tensor]], None] | None = None) -> dict[int, torch.Tensor]:
+        """New directions for each matrix ``index`` of ``sources`` (index -> (m, n) source), from the ``count``-th
+        refresh's test matrices. ``agree`` may overwrite the found bases in place before they are installed
+        (one call for all of them: e.g. a broadcast that keeps replicas identical). Returns the rotation
+        ``P_new^T P_old`` (r, r) of every matrix whose basis changed (a source with no signal keeps its basis)."""
+        found = {}
+        for index, source in sources.items():
+            e = self.entries[index]
+            seed = (self.seed * 1_000_003 + count) * 1009 + index
+            basis = top_directions(source.reshape(e.shape), e.rank, e.left, seed)
+            if basis is not None:
+                found[index] = basis
+        if agree is not None and found:
+            agree(list(found.values()))
+        rotations = {}
+        for index, basis in found.items():
+            e = self.entries[index]
+            rotations[index] = basis.T @ e.basis
+            e.basis = basis
+        return rotations
 
     def rotate(self, index: int, value: torch.Tensor, rotation: torch.Tensor, second_moment: bool) -> torch.Tensor:
         return rotate_state(value, rotation, self.entries[index].left, second_moment)

@@ -1,4 +1,5 @@
-"""Checks that need torch.distributed: identical decompositions on every rank, and setups CMD refuses."""
+"""What needs torch.distributed: identical decompositions on every rank, one rank's values for all, and the
+setups CMD refuses."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import torch.distributed as dist
 from ..core import Decomposition, SlopeFit
 from .sharding import one_mesh
 
-__all__ = ["check_rank_consistency", "refuse_sharding"]
+__all__ = ["agree_with_first_rank", "check_rank_consistency", "refuse_sharding", "replica_threads", "world_size"]
 
 _ADVICE = "use DistributedDataParallel (with cmd_optim.integrations.ddp.register_cmd_hook) instead"
 
 
-def _world(group=None) -> int:
+def world_size(group=None) -> int:
+    """The ranks of ``group`` (1 outside torch.distributed)."""
     return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
 
 
@@ -23,13 +25,36 @@ def _collective_device(group=None) -> torch.device:
     return torch.device("cpu")
 
 
+def agree_with_first_rank(tensors: list[torch.Tensor], group=None) -> None:
+    """Overwrite ``tensors`` (the same shapes on every rank) with the first rank's, in one broadcast: for
+    results that ranks may round differently (LAPACK with other thread counts) but must share."""
+    flat = torch.cat([t.reshape(-1) for t in tensors]).to(_collective_device(group))
+    dist.broadcast(flat, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def replica_threads(numels: list[int], group=None) -> tuple[bool, int | None]:
+    """Whether the ranks of ``group`` hold replicas (the same ``numels``, e.g. of a DDP model's matrices), and
+    if so the smallest intra-op thread count among them where the counts differ (else None): BLAS splits a
+    product by thread, so ranks with other counts round it differently. One collective."""
+    signature = [torch.get_num_threads(), len(numels), sum(numels), sum(i * n for i, n in enumerate(numels, 1))]
+    values = torch.tensor(signature + [-v for v in signature], dtype=torch.float64, device=_collective_device(group))
+    dist.all_reduce(values, op=dist.ReduceOp.MIN, group=group)
+    low, high = values[:4].tolist(), [-v for v in values[4:].tolist()]
+    replicas = low[1:] == high[1:]
+    return replicas, int(low[0]) if replicas and low[0] != high[0] else None
+
+
 def check_rank_consistency(d: Decomposition | SlopeFit, group=None) -> None:
     """Raise if the ranks of ``group`` hold different decompositions (a no-op outside torch.distributed).
 
     Compares a fingerprint (sizes, references, a hash of the assignment, the sum of the slopes) by an
     all-reduce of its minimum and maximum.
     """
-    if _world(group) == 1:
+    if world_size(group) == 1:
         return
     weights = torch.arange(1, d.num_params + 1, dtype=torch.float64, device=d.assignment.device)
     fingerprint = torch.stack([

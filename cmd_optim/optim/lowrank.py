@@ -21,6 +21,7 @@ to W itself, decoupled or added to the gradient as the base does it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from torch import nn
 from ..core import SubspaceMap
 from ..core._checks import check_int, check_real
 from ..core.subspace import KERNELS
+from ._dist_checks import agree_with_first_rank, replica_threads, world_size
 from ._params import all_finite, hyperparameters, tensor_bytes
 from .phase import Setup, guarded_step
 from .reduction import Reduction, register
@@ -152,12 +154,21 @@ class LowRank(Reduction):
                           f"{USEFUL_RANK} ({', '.join(starved[:5])}{', ...' if len(starved) > 5 else ''}): raise "
                           "state_share, or keep them free", RuntimeWarning, stacklevel=4)
         phase = LowRankPhase(setup, self, plans)
+        with phase.same_rounding():
+            self._start(phase, base_state)
+        return phase
+
+    @staticmethod
+    def _start(phase: LowRankPhase, base_state: dict) -> None:
+        """The first bases, from the base's first moment (or the gradient), and the base's state carried over."""
         matrices = phase.projected
+        sources = {}
         for index, p in enumerate(matrices):
             state = base_state.get(p, {})
             source = next((state[k] for k in FIRST_MOMENTS if isinstance(state.get(k), torch.Tensor)), p.grad)
             if source is not None:
-                phase.map.refresh(index, source, count=0)
+                sources[index] = source
+        phase.map.refresh(sources, count=0, agree=phase.agree)
         for index, (p, core) in enumerate(zip(matrices, phase.cores)):
             carried = _carry(phase.map, index, base_state.get(p, {}))
             if carried:
@@ -165,7 +176,6 @@ class LowRank(Reduction):
         for p in phase.full:  # parameters trained in full carry their whole state over
             if p in base_state:
                 phase.optimizer.state[p] = base_state[p]
-        return phase
 
     def load(self, setup: Setup, envelope: dict, extra: dict) -> LowRankPhase:
         """A low-rank phase from saved state, built beside the live one (every entry checked first)."""
@@ -232,8 +242,10 @@ class LowRankPhase:
 
     Public view: ``plans`` (one :class:`MatrixPlan` per tracked matrix: name, shape, rank, 0 = trained in
     full), ``ranks``, ``refreshes`` (how many times the bases were renewed), ``window_steps`` (steps since the
-    last refresh), ``map`` (the :class:`~cmd_optim.core.SubspaceMap`), ``cores``, ``core_groups``. State: the bases (d r float32 per
-    projected matrix) and the base optimizer's state on the cores and on what trains in full.
+    last refresh), ``map`` (the :class:`~cmd_optim.core.SubspaceMap`), ``cores``, ``core_groups``. State: the
+    bases (d r float32 per projected matrix) and the base optimizer's state on the cores and on what trains
+    in full. Under DDP the phase runs at the ranks' fewest threads and takes the first rank's bases, so
+    replicas on hosts with other thread counts stay bit-identical.
     """
 
     name = "lowrank"
@@ -265,7 +277,11 @@ class LowRankPhase:
                     groups.append({**hyperparameters(visible), "params": params})
                     self._sources.append((index, is_core))
         self.optimizer = setup.make_base(groups)
-        self._core_index = {core: i for i, core in enumerate(self.cores)}
+        # DDP replicas stay bit-identical, as plain DDP's do, though ranks run other thread counts: every
+        # refresh takes the first rank's bases (LAPACK), and the phase runs at the ranks' fewest threads (BLAS).
+        replicas, self.threads = (replica_threads([p.numel() for p in self.projected]) if world_size() > 1
+                                  else (False, None))
+        self.agree = agree_with_first_rank if replicas else None
         self._group_of = {p: index for index, visible in enumerate(setup.params.groups) for p in visible["params"]}
 
     @property
@@ -280,7 +296,24 @@ class LowRankPhase:
         pass
 
     # ------------------------------------------------------------------ stepping
+    @contextlib.contextmanager
+    def same_rounding(self):
+        """Run the products of the phase at the ranks' common thread count (a no-op on one process)."""
+        if self.threads is None:
+            yield
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(self.threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
     def step(self, loss, closure: Callable | None) -> bool:
+        with self.same_rounding():
+            return self._step(loss, closure)
+
+    def _step(self, loss, closure: Callable | None) -> bool:
         full_grads = [self._gradient(index) for index in range(len(self.projected))]  # once per step
         grads = self._low_gradients(full_grads)
         if grads is None:
@@ -319,18 +352,13 @@ class LowRankPhase:
     @torch.no_grad()
     def _refresh(self, full_grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """New bases from this step's gradients, the cores' state rotated into them; the new projections."""
-        grads = []
-        for index, (core, g) in enumerate(zip(self.cores, full_grads)):
-            if g is None:
-                grads.append(None)
-                continue
-            rotation = self.map.refresh(index, g, self.refreshes)
-            if rotation is not None:
-                for key, value in self.optimizer.state.get(core, {}).items():
-                    if key in FIRST_MOMENTS or key in SECOND_MOMENTS:
-                        value.copy_(self.map.rotate(index, value, rotation, key in SECOND_MOMENTS))
-            grads.append(self.map.project(index, g))
-        return grads
+        rotations = self.map.refresh({i: g for i, g in enumerate(full_grads) if g is not None}, self.refreshes,
+                                     self.agree)
+        for index, rotation in rotations.items():
+            for key, value in self.optimizer.state.get(self.cores[index], {}).items():
+                if key in FIRST_MOMENTS or key in SECOND_MOMENTS:
+                    value.copy_(self.map.rotate(index, value, rotation, key in SECOND_MOMENTS))
+        return [None if g is None else self.map.project(index, g) for index, g in enumerate(full_grads)]
 
     def _sync_hyperparameters(self) -> None:
         """The visible groups' settings; core groups without weight decay (it is applied to W)."""

@@ -82,6 +82,41 @@ def test_top_directions_span_the_dominant_subspace_exactly_or_by_the_range_finde
     assert top_directions(torch.full((5, 7), float("nan")), 2, True, seed=0) is None
 
 
+@pytest.mark.parametrize(("shape", "signal", "rank"), [((4, 128), 3, 4), ((128, 4), 3, 4), ((60, 400), 5, 8)])
+def test_a_direction_that_is_rounding_noise_is_a_zero_column(shape, signal, rank):
+    """A softmax head's gradient has rank C - 1 (its rows sum to 0): its last direction is noise, and no core
+    trains along it (audit E11). The 60 x 400 case (true rank 5, rank 8) takes the range finder."""
+    gen = torch.Generator().manual_seed(0)
+    d, wide = min(shape), max(shape)
+    if signal == d - 1:
+        rows = torch.randn(d, wide, generator=gen)
+        source = rows - rows.mean(0)
+    else:
+        source = torch.randn(d, signal, generator=gen) @ torch.randn(signal, wide, generator=gen)
+    left = shape[0] <= shape[1]
+    found = top_directions(source if left else source.T, rank, left, seed=0)
+    norms = torch.linalg.vector_norm(found, dim=0)
+    torch.testing.assert_close(norms[:signal], torch.ones(signal))
+    assert torch.equal(norms[signal:], torch.zeros(rank - signal))
+
+
+def test_the_agreement_callback_overwrites_the_bases_before_the_rotations():
+    source = torch.randn(20, 30, generator=torch.Generator().manual_seed(1))
+    subspaces = SubspaceMap([(20, 30), (30, 20)], [3, 3], torch.device("cpu"))
+    agreed = _orthonormal(20, 3, 9)
+    seen = []
+
+    def agree(bases):
+        seen.append(len(bases))
+        bases[0].copy_(agreed)
+
+    rotations = subspaces.refresh({0: source, 1: source.T}, count=0, agree=agree)
+    assert seen == [2]
+    assert torch.equal(subspaces.bases[0], agreed)
+    torch.testing.assert_close(rotations[0], agreed.T @ torch.eye(20, 3))
+    assert subspaces.refresh({0: torch.zeros(20, 30)}, count=1) == {}  # no signal: the basis stays
+
+
 def test_refreshes_are_seeded_and_leave_the_global_rng_alone():
     source = torch.randn(200, 300, generator=torch.Generator().manual_seed(0))
     bases = []
@@ -89,7 +124,7 @@ def test_refreshes_are_seeded_and_leave_the_global_rng_alone():
         torch.manual_seed(noise)
         state = torch.random.get_rng_state()
         subspaces = SubspaceMap([(200, 300)], [8], torch.device("cpu"), seed=3)
-        subspaces.refresh(0, source, count=2)
+        subspaces.refresh({0: source}, count=2)
         assert torch.equal(torch.random.get_rng_state(), state)
         bases.append(subspaces.bases[0])
     assert torch.equal(*bases)

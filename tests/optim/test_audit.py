@@ -258,3 +258,39 @@ def test_d10_a_warmup_state_goes_back_to_a_plain_optimizer():
         _step(m, plain, data)
         _step(reference, twin, data)
     assert all(torch.equal(p, q) for p, q in zip(m.parameters(), reference.parameters()))
+
+
+def _e11_worker(rank, folder):
+    """The audit's D-ddp-threads-lr case: rank 0 with 1 intra-op thread, rank 1 with 2 (heterogeneous hosts)."""
+    import os
+
+    import torch.distributed as dist
+
+    from benchmarks.processes import leave_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=2)
+    torch.set_num_threads(1 + rank)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 128), nn.Tanh(), nn.Linear(128, 32), nn.Tanh(), nn.Linear(32, 10))
+    ddp = nn.parallel.DistributedDataParallel(m)
+    opt = CMDOptimizer(m, switch_after=20, lr=0.05, momentum=0.9, reduction=LowRank(refresh_every=5))
+    for s in range(40):
+        x = torch.randn(32, 32, generator=torch.Generator().manual_seed(s * 2 + rank))
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(x), x[:, :10].argmax(1)).backward()
+        opt.step()
+    torch.save({"params": [p.detach() for p in m.parameters()], "phase": opt.phase, "threads": torch.get_num_threads(),
+                "refreshes": opt.reduced_phase.refreshes}, os.path.join(folder, f"rank{rank}.pt"))
+    leave_process_group()
+
+
+def test_e11_ddp_replicas_with_other_thread_counts_stay_bit_identical(tmp_path):
+    """Before: 1.6e-7 apart after 20 reduced steps (LAPACK and BLAS round by thread count); plain DDP: 0."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_e11_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["phase"] for r in ranks] == ["reduced"] * 2 and ranks[0]["refreshes"] >= 3
+    assert [r["threads"] for r in ranks] == [1, 2]  # each rank's own setting is restored after its steps
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(a, b)
