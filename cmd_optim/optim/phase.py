@@ -8,7 +8,6 @@ optimizer validates, counts and keeps the state_dict envelope; a phase steps.
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol

@@ -22,7 +22,7 @@ class WarmupRecorder(ABC):
         undo point, so that a recording that fails leaves the optimizer as it was before the step)."""
         return False
 
-    def after_step(self, steps_taken: int) -> None:
+    def after_step(self, steps_taken: int) -> None:  # noqa: B027 (optional: a recorder may record nothing)
         """Record what step ``steps_taken`` (1-based) left behind; must leave the recorder as it was on error."""
 
     @abstractmethod
