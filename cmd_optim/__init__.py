@@ -5,7 +5,7 @@ Layers (each imports only those to its left): ``core`` (the math) <- ``optim`` (
 """
 
 from .core import ColumnSource, Decomposition, OnlineCMD, decompose
-from .optim import CMDOptimizer, Gradual, LowRank, Modes
+from .optim import CMDOptimizer, Gradual, LowRank, Modes, SwitchNotice
 
 __all__ = [
     "CMDOptimizer",
@@ -15,6 +15,7 @@ __all__ = [
     "LowRank",
     "Modes",
     "OnlineCMD",
+    "SwitchNotice",
     "__version__",
     "decompose",
 ]

@@ -3,7 +3,7 @@
 Each reduction registers itself (``reduction.register``) when its module is imported here.
 """
 
-from .cmd import CMDOptimizer, find_cmd_optimizer, optimizer_state_bytes
+from .cmd import CMDOptimizer, SwitchNotice, find_cmd_optimizer, optimizer_state_bytes
 from .exchange import ModeExchange
 from .gradual import Gradual
 from .lowrank import LowRank
@@ -11,4 +11,4 @@ from .modes import Modes
 from .reduction import REDUCTIONS, Reduction, register
 
 __all__ = ["REDUCTIONS", "CMDOptimizer", "Gradual", "LowRank", "ModeExchange", "Modes", "Reduction",
-           "find_cmd_optimizer", "optimizer_state_bytes", "register"]
+           "SwitchNotice", "find_cmd_optimizer", "optimizer_state_bytes", "register"]

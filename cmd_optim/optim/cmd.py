@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -19,10 +23,48 @@ from .reduction import REDUCTIONS, Reduction, choose_default, resolve
 from .sharding import Sharding, is_sharded
 from .warmup import WarmupPhase
 
-__all__ = ["CMDOptimizer", "find_cmd_optimizer", "optimizer_state_bytes"]
+__all__ = ["CMDOptimizer", "SwitchNotice", "find_cmd_optimizer", "optimizer_state_bytes"]
 
 _STATE_VERSION = 2
 _log = logging.getLogger("cmd_optim")
+
+
+class SwitchNotice(UserWarning):
+    """What a CMDOptimizer says at its switch, and when it is discarded before the switch, where the
+    ``"cmd_optim"`` logger would not show it (no handler for INFO). Silence it with
+    ``warnings.filterwarnings("ignore", category=SwitchNotice)``, or configure that logger."""
+
+
+_INTERNAL = tuple(os.path.dirname(module.__file__) for module in (torch, sys.modules[__name__.split(".")[0]])) + (
+    weakref.__file__,)
+
+
+def _say(message: str) -> None:
+    """``message`` to the "cmd_optim" logger at INFO, or as a :class:`SwitchNotice` where nothing shows that,
+    attributed to the first caller outside cmd_optim and torch (the user's ``step()`` line)."""
+    _log.info(message)
+    if not (_log.isEnabledFor(logging.INFO) and _log.hasHandlers()):
+        frame, level = sys._getframe(0), 1
+        while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+            frame, level = frame.f_back, level + 1
+        warnings.warn(message, SwitchNotice, stacklevel=level)
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Steps taken and whether the switch came: what the optimizer's finalizer reads once it is gone."""
+
+    steps: int
+    reduced: bool
+    switch_after: int
+    base: str
+
+
+def _discarded(progress: _Progress) -> None:
+    if progress.steps and not progress.reduced:
+        _say(f"a CMDOptimizer ended after {progress.steps} of its {progress.switch_after} warm-up steps, before "
+             f"the switch: it trained as plain {progress.base} throughout (lower switch_after to reach the "
+             "reduced phase)")
 
 
 class CMDOptimizer(torch.optim.Optimizer):
@@ -82,7 +124,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         embed_fraction: float | None = None,
         **base_kwargs,
     ) -> None:
-        switch_after = check_int("switch_after",
+        switch_after = check_int("switch_after" if warmup_steps is None else "warmup_steps",
                                  _renamed("warmup_steps", warmup_steps, "switch_after", switch_after, 300), low=1)
         given = dict(modes=modes, samples=samples, seed=seed, snapshot_every=snapshot_every,
                      snapshot_device=snapshot_device, snapshot_dtype=snapshot_dtype, snapshot_dir=snapshot_dir,
@@ -113,7 +155,8 @@ class CMDOptimizer(torch.optim.Optimizer):
         super().__init__(params.groups, self._phase.optimizer.defaults)
         self._constructing = False
         self.param_groups = params.groups  # the very list the stepping optimizer steps on
-        self.steps_taken = 0
+        self._progress = _Progress(0, False, switch_after, make_base.optimizer_name)
+        weakref.finalize(self, _discarded, self._progress)
         self.skipped_steps = 0
         self.decomposition: Decomposition | None = None
         self.switch_report: dict | None = None
@@ -132,6 +175,15 @@ class CMDOptimizer(torch.optim.Optimizer):
     def phase(self) -> str:
         """``"warmup"`` until ``switch_after`` optimizer steps were taken, then ``"reduced"``."""
         return "reduced" if self._phase.reduced else "warmup"
+
+    @property
+    def steps_taken(self) -> int:
+        """Optimizer steps taken (skipped non-finite ones not counted); the switch comes after ``switch_after``."""
+        return self._progress.steps
+
+    @steps_taken.setter
+    def steps_taken(self, value: int) -> None:
+        self._progress.steps = value
 
     @property
     def base_name(self) -> str:
@@ -275,14 +327,16 @@ class CMDOptimizer(torch.optim.Optimizer):
         self.switch_report = report
         self._install(reduced)
         self.decomposition = getattr(reduced, "decomposition", None)
-        _log.info("CMDOptimizer switched to reduction %r at step %d: %d trainable numbers, %d bytes of state",
-                  self.reduction.name, self.steps_taken, report["trainable_dims"], reduced.state_bytes())
+        _say(f"CMDOptimizer switched to reduction {self.reduction.name!r} at step {self.steps_taken}: "
+             f"{report['trainable_dims']} trainable numbers, {reduced.state_bytes()} bytes of optimizer state "
+             f"(the base {self.base_name} kept {tensor_bytes(warmup.optimizer.state)} in the warm-up)")
 
     def _install(self, phase: Phase) -> None:
         """Make ``phase`` the live phase (nothing in here can fail)."""
         self._phase.release()
         self._phase = phase
         phase.adopt()
+        self._progress.reduced = phase.reduced
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)

@@ -1,4 +1,6 @@
-"""The second hostile audit's defects of the optimizer (E1, E2, E5, E12), each from its reproduction."""
+"""The second hostile audit's defects of the optimizer and the newcomer trial's, each from its reproduction."""
+
+import warnings
 
 import pytest
 import torch
@@ -294,3 +296,59 @@ def test_e11_ddp_replicas_with_other_thread_counts_stay_bit_identical(tmp_path):
     assert [r["threads"] for r in ranks] == [1, 2]  # each rank's own setting is restored after its steps
     for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(a, b)
+
+
+def _warm(m, opt, steps, data):
+    for _ in range(steps):
+        _step(m, opt, data)
+
+
+def test_a_plain_loop_is_told_of_the_switch_and_a_logger_replaces_the_notice(caplog):
+    """Newcomer trial: nothing was said at the switch in a plain loop (an INFO record nobody shows)."""
+    import logging
+
+    from cmd_optim import SwitchNotice
+
+    data, m = _data(), _net()
+    opt = CMDOptimizer(m, switch_after=5, lr=0.05, momentum=0.9)
+    with pytest.warns(SwitchNotice, match=r"switched to reduction 'lowrank' at step 5: \d+ trainable numbers"):
+        _warm(m, opt, 6, data)
+    data, m = _data(), _net()
+    opt = CMDOptimizer(m, switch_after=5, lr=0.05, momentum=0.9)
+    handler = logging.StreamHandler()
+    logging.getLogger("cmd_optim").addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="cmd_optim"), warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            _warm(m, opt, 6, data)
+    finally:
+        logging.getLogger("cmd_optim").removeHandler(handler)
+    assert any("switched to reduction 'lowrank' at step 5" in r.getMessage() for r in caplog.records)
+    assert not [w for w in seen if issubclass(w.category, SwitchNotice)]
+
+
+def test_an_optimizer_discarded_before_its_switch_says_it_trained_as_its_base():
+    import gc
+
+    from cmd_optim import SwitchNotice
+
+    data, m = _data(), _net()
+    opt = CMDOptimizer(m, base=torch.optim.AdamW, switch_after=50, lr=1e-3)
+    _warm(m, opt, 3, data)
+    with pytest.warns(SwitchNotice, match="after 3 of its 50 warm-up steps, before the switch: it trained as plain "
+                                          "AdamW"):
+        del opt
+        gc.collect()
+    opt = CMDOptimizer(m, switch_after=2, lr=0.05)
+    _warm(m, opt, 3, data)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        del opt
+        gc.collect()
+    assert not [w for w in seen if "before the switch" in str(w.message)]
+
+
+def test_a_deprecated_alias_is_named_in_its_own_error():
+    with pytest.raises(ValueError, match="warmup_steps must be"), pytest.warns(FutureWarning):
+        CMDOptimizer(_net(), warmup_steps=0, lr=0.1)
+
