@@ -12,7 +12,7 @@ shorter side is at most ``min_side`` train in full with the base optimizer.
 
 Ranks come from a budget in bytes: a projected matrix's state (its basis and the base's moments on the core)
 is at most ``state_share`` of what the base keeps for it in full (AdamW: 8 bytes per parameter; SGD with
-momentum: 4). The warm-up is plain training; it records nothing for this reduction.
+momentum: 4). The warm-up is plain training; it records nothing for this reduction (:class:`SwitchGradients`).
 
 Requirements: the base's step must not depend on the parameter's value apart from weight decay (true for
 torch.optim's SGD, Adam, AdamW, RMSprop, Adagrad, ...): the cores sit at zero and weight decay is applied
@@ -37,7 +37,7 @@ from ._dist_checks import agree_with_first_rank, replica_threads, world_size
 from ._params import all_finite, hyperparameters, tensor_bytes
 from .phase import Setup, guarded_step
 from .reduction import Reduction, register
-from .warmup import WarmupPhase, load_base_state
+from .warmup import WarmupPhase, WarmupRecorder, load_base_state
 
 __all__ = ["LowRank", "LowRankPhase", "MatrixPlan", "plan_matrices"]
 
@@ -129,6 +129,9 @@ class LowRank(Reduction):
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
 
+    def warmup_recorder(self, setup: Setup, saved: dict | None = None) -> SwitchGradients:
+        return SwitchGradients(setup, saved)
+
     def plan(self, setup: Setup, base_state: dict) -> list[MatrixPlan]:
         """The plan of every tracked matrix, from the base's state at the switch."""
         matrices = setup.tracked_matrices
@@ -155,17 +158,19 @@ class LowRank(Reduction):
                           "state_share, or keep them free", RuntimeWarning, stacklevel=4)
         phase = LowRankPhase(setup, self, plans)
         with phase.same_rounding():
-            self._start(phase, base_state)
+            self._start(phase, base_state, warmup.recorder.gradients())
         return phase
 
     @staticmethod
-    def _start(phase: LowRankPhase, base_state: dict) -> None:
-        """The first bases, from the base's first moment (or the gradient), and the base's state carried over."""
+    def _start(phase: LowRankPhase, base_state: dict, gradients: dict) -> None:
+        """The first bases, from the base's first moment (or the switch step's gradient), and the base's state
+        carried over."""
         matrices = phase.projected
         sources = {}
         for index, p in enumerate(matrices):
             state = base_state.get(p, {})
-            source = next((state[k] for k in FIRST_MOMENTS if isinstance(state.get(k), torch.Tensor)), p.grad)
+            source = next((state[k] for k in FIRST_MOMENTS if isinstance(state.get(k), torch.Tensor)),
+                          gradients.get(p))
             if source is not None:
                 sources[index] = source
         phase.map.refresh(sources, count=0, agree=phase.agree)
@@ -212,6 +217,48 @@ class LowRank(Reduction):
         phase.window_steps, phase.refreshes = extra["window_steps"], extra["refreshes"]
         load_base_state(phase.optimizer, envelope)
         return phase
+
+
+class SwitchGradients(WarmupRecorder):
+    """The low-rank warm-up records nothing, except in a state saved while the switch is due (a state_dict taken
+    inside the switch, or after one that raised): there it keeps the tracked matrices' gradients of the switch
+    step, so that a run resumed from it builds the same bases as the one that was not interrupted (with a base
+    that keeps no first moment the bases come from that gradient)."""
+
+    def __init__(self, setup: Setup, saved: dict | None = None) -> None:
+        self.setup = setup
+        self.steps_taken = 0 if saved is None else saved["steps_taken"]
+        self.saved = None
+        if saved is not None and "switch_gradients" in saved:
+            grads, matrices = saved["switch_gradients"], setup.tracked_matrices
+            if not isinstance(grads, list) or len(grads) != len(matrices) or not all(
+                    g is None or (isinstance(g, torch.Tensor) and g.shape == p.shape and bool(torch.isfinite(g).all()))
+                    for g, p in zip(grads, matrices)):
+                raise ValueError("the warm-up state_dict's 'switch_gradients' must be one finite gradient (or None) "
+                                 f"of its matrix's shape per tracked matrix ({len(matrices)})")
+            self.saved = [None if g is None else g.to(p.device) for g, p in zip(grads, matrices)]
+
+    def records_at(self, steps_taken: int) -> bool:
+        return False
+
+    def after_step(self, steps_taken: int) -> None:
+        self.steps_taken = steps_taken
+
+    def gradients(self) -> dict:
+        """Each tracked matrix's gradient of the switch step: saved, or its live ``.grad``."""
+        matrices = self.setup.tracked_matrices
+        grads = self.saved if self.saved is not None else [p.grad for p in matrices]
+        return {p: g for p, g in zip(matrices, grads) if g is not None}
+
+    def state(self) -> dict:
+        if self.steps_taken < self.setup.switch_after:
+            return {}
+        return {"switch_gradients": [None if g is None else g.detach().clone() for g in
+                                     (self.saved or [p.grad for p in self.setup.tracked_matrices])]}
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.saved is None else tensor_bytes(self.saved)
 
 
 def _matrix_shape(p: torch.Tensor) -> tuple[int, int]:

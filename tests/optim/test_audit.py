@@ -352,3 +352,60 @@ def test_a_deprecated_alias_is_named_in_its_own_error():
     with pytest.raises(ValueError, match="warmup_steps must be"), pytest.warns(FutureWarning):
         CMDOptimizer(_net(), warmup_steps=0, lr=0.1)
 
+
+
+@pytest.mark.parametrize("base_kwargs", [{}, {"momentum": 0.9}])
+def test_c6_a_state_taken_inside_the_switch_resumes_bit_identically(monkeypatch, base_kwargs):
+    """Audit S-mid-lo-SGD: a state_dict taken while the switch runs (a preemption handler) was resumed by
+    building the bases from the next step's gradient (plain SGD, which keeps no first moment, with a fixed rank):
+    9e-3 apart."""
+    from cmd_optim.optim import lowrank
+
+    data, m = _data(), _net()
+    opt = CMDOptimizer(m, switch_after=10, lr=0.05, reduction=LowRank(rank=4, refresh_every=4), **base_kwargs)
+    taken, start = [], lowrank.LowRank._start
+
+    def interrupted(*args):
+        taken.append((roundtrip(opt.state_dict()), [p.detach().clone() for p in m.parameters()]))
+        return start(*args)
+
+    monkeypatch.setattr(lowrank.LowRank, "_start", staticmethod(interrupted))
+    _warm(m, opt, 10, data)
+    monkeypatch.undo()
+    (state, weights), = taken
+    assert state["cmd"]["phase"] == "warmup" and state["cmd"]["steps_taken"] == 10
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(64, 32, generator=gen), torch.randint(0, 10, (64,), generator=gen)) for _ in range(9)]
+    resumed_model = _net()
+    with torch.no_grad():
+        for p, w in zip(resumed_model.parameters(), weights):
+            p.copy_(w)
+    resumed = CMDOptimizer(resumed_model, switch_after=10, lr=0.05, reduction=LowRank(rank=4, refresh_every=4),
+                           **base_kwargs)
+    resumed.load_state_dict(state)
+    for batch in batches:
+        _step(m, opt, batch)
+        _step(resumed_model, resumed, batch)
+    assert resumed.phase == "reduced" and resumed.reduced_phase.refreshes >= 2
+    for p, q in zip(m.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_c6_a_damaged_switch_gradient_is_refused_and_changes_nothing(monkeypatch):
+    from cmd_optim.optim import lowrank
+
+    data, m = _data(), _net()
+    opt = CMDOptimizer(m, switch_after=10, lr=0.05)
+    taken, start = [], lowrank.LowRank._start
+    monkeypatch.setattr(lowrank.LowRank, "_start", staticmethod(
+        lambda *args: (taken.append(roundtrip(opt.state_dict())), start(*args))[1]))
+    _warm(m, opt, 10, data)
+    monkeypatch.undo()
+    state = taken[0]
+    assert len(state["cmd"]["phase_state"]["switch_gradients"]) == 2
+    state["cmd"]["phase_state"]["switch_gradients"][0] = torch.zeros(3, 3)
+    fresh = CMDOptimizer(_net(), switch_after=10, lr=0.05)
+    before = roundtrip(fresh.state_dict())
+    with pytest.raises(ValueError, match="switch_gradients"):
+        fresh.load_state_dict(state)
+    assert str(roundtrip(fresh.state_dict())) == str(before)
