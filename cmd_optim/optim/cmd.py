@@ -61,10 +61,12 @@ class _Progress:
 
 
 def _discarded(progress: _Progress) -> None:
-    if progress.steps and not progress.reduced:
-        _say(f"a CMDOptimizer ended after {progress.steps} of its {progress.switch_after} warm-up steps, before "
-             f"the switch: it trained as plain {progress.base} throughout (lower switch_after to reach the "
-             "reduced phase)")
+    if not progress.steps or progress.reduced:
+        return
+    where = (f"before the switch at step {progress.switch_after}" if progress.steps < progress.switch_after
+             else "without switching (its switch did not succeed)")
+    _say(f"a CMDOptimizer ended after {progress.steps} steps {where}: it trained as plain {progress.base} "
+         "throughout")
 
 
 class CMDOptimizer(torch.optim.Optimizer):

@@ -335,8 +335,7 @@ def test_an_optimizer_discarded_before_its_switch_says_it_trained_as_its_base():
     data, m = _data(), _net()
     opt = CMDOptimizer(m, base=torch.optim.AdamW, switch_after=50, lr=1e-3)
     _warm(m, opt, 3, data)
-    with pytest.warns(SwitchNotice, match="after 3 of its 50 warm-up steps, before the switch: it trained as plain "
-                                          "AdamW"):
+    with pytest.warns(SwitchNotice, match="after 3 steps before the switch at step 50: it trained as plain AdamW"):
         del opt
         gc.collect()
     opt = CMDOptimizer(m, switch_after=2, lr=0.05)
