@@ -3,12 +3,14 @@ accuracy against bytes sent, for plain DDP, PowerSGD (rank 1 and 4) and the CMD 
 
     python -m benchmarks.ddp [--params 4000000] [--steps 20] [--worlds 2 4] [--no-write]
     python -m benchmarks.ddp --accuracy [--tasks digits mnist1d] [--seeds 3] [--no-write]
+    python -m benchmarks.ddp --curve [--tasks digits mnist1d] [--seeds 1] [--no-write]
 
 Each process trains a two-layer MLP on its share of a random global batch of 64. "Plain DDP" is SGD with
 momentum under DDP's own all-reduce; "CMD hook" is CMDOptimizer(SGD) in its reduced phase with
 ``cmd_optim.integrations.ddp.register_cmd_hook``. Bytes are what one rank hands to all-reduce per step;
 times are the median of ``--steps`` whole steps (forward, backward with communication, step).
-Writes the "ddp" section of docs/benchmarks.md.
+Writes the "ddp" section of docs/benchmarks.md ("ddp-accuracy" with --accuracy; "ddp-curve" with --curve: bytes
+per step, test accuracy and optimizer state over the run, embedded CMD's hook beside DDP and PowerSGD).
 """
 import argparse
 import json
@@ -24,6 +26,7 @@ from torch import nn
 
 from cmd_optim import CMDOptimizer
 from cmd_optim.integrations.ddp import register_cmd_hook
+from cmd_optim.optim.cmd import optimizer_state_bytes
 
 from . import datasets
 from .processes import leave_process_group
@@ -93,11 +96,14 @@ ACCURACY_TASKS = {
     "mnist1d": dict(name="MNIST-1D CNN", load=lambda: datasets.mnist1d(num_samples=4000, seed=42), model=_cnn,
                     steps=800, switch=400, snapshot_every=20, batch=128),
 }
-ACCURACY_METHODS = ("DDP", "PowerSGD rank 1", "PowerSGD rank 4", "CMD hook (modes)")
+ACCURACY_METHODS = ("DDP", "PowerSGD rank 1", "PowerSGD rank 4", "CMD hook (modes)", "CMD hook (gradual)")
+CURVE_METHODS = ("DDP", "PowerSGD rank 1", "PowerSGD rank 4", "CMD hook (gradual)")
+CURVE_POINTS = 20  # test accuracy and optimizer state this many times over a run
 
 
 def _accuracy_worker(rank, world, folder, task_key, method, seed):
-    """One run on ``world`` processes; rank 0 saves the test accuracy and the bytes sent per step."""
+    """One run on ``world`` processes; rank 0 saves the test accuracy and the bytes sent per step, and at
+    ``CURVE_POINTS`` steps of the run the test accuracy and the optimizer's state bytes."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as power_sgd
 
@@ -117,9 +123,11 @@ def _accuracy_worker(rank, world, folder, task_key, method, seed):
     model = task["model"]()
     ddp = nn.parallel.DistributedDataParallel(model)
     sgd = dict(lr=0.05, momentum=0.9)
-    if method == "CMD hook (modes)":
-        optimizer = CMDOptimizer(model, base=torch.optim.SGD, modes=10, switch_after=task["switch"],
-                                 snapshot_every=task["snapshot_every"], seed=seed, reduction="modes", **sgd)
+    if method.startswith("CMD hook"):  # "(modes)": the mode reduction; "(gradual)": embedded CMD, its defaults
+        reduction = method.split("(")[1].rstrip(")")
+        extra = dict(modes=10) if reduction == "modes" else {}
+        optimizer = CMDOptimizer(model, base=torch.optim.SGD, switch_after=task["switch"],
+                                 snapshot_every=task["snapshot_every"], seed=seed, reduction=reduction, **extra, **sgd)
         register_cmd_hook(ddp, optimizer)
     else:
         optimizer = torch.optim.SGD(model.parameters(), **sgd)
@@ -131,7 +139,8 @@ def _accuracy_worker(rank, world, folder, task_key, method, seed):
         else:
             ddp.register_comm_hook(None, default_hooks.allreduce_hook)
     share = task["batch"] // world
-    per_step = []
+    per_step, curve = [], []
+    every = max(task["steps"] // CURVE_POINTS, 1)
     for step in range(task["steps"]):
         index = torch.randint(0, len(data[1]), (task["batch"],), generator=torch.Generator().manual_seed(seed * 100_003 + step))
         mine = index[rank * share:(rank + 1) * share]
@@ -140,26 +149,31 @@ def _accuracy_worker(rank, world, folder, task_key, method, seed):
         optimizer.step()
         optimizer.zero_grad()
         per_step.append(sent[0] - before)
+        if rank == 0 and (step + 1) % every == 0:
+            with torch.no_grad():
+                accuracy = float((model(data[2]).argmax(1) == data[3]).float().mean())
+            curve.append({"step": step + 1, "accuracy": accuracy, "state_bytes": optimizer_state_bytes(optimizer)})
     if rank == 0:
         with torch.no_grad():
             accuracy = float((model(data[2]).argmax(1) == data[3]).float().mean())
-        torch.save({"accuracy": accuracy, "bytes": per_step}, os.path.join(folder, "result.pt"))
+        torch.save({"accuracy": accuracy, "bytes": per_step, "curve": curve}, os.path.join(folder, "result.pt"))
     leave_process_group()
 
 
-def accuracy_comparison(tasks, seeds: int, world: int = 2) -> list[dict]:
+def accuracy_comparison(tasks, seeds: int, world: int = 2, methods=ACCURACY_METHODS) -> list[dict]:
     records = []
     for task in tasks:
         for seed in range(seeds):
-            for method in ACCURACY_METHODS:
+            for method in methods:
                 with tempfile.TemporaryDirectory() as folder:
                     mp.spawn(_accuracy_worker, args=(world, folder, task, method, seed), nprocs=world, join=True)
                     result = torch.load(os.path.join(folder, "result.pt"))
                 switch = ACCURACY_TASKS[task]["switch"]
                 records.append({"task": task, "method": method, "seed": seed, "accuracy": result["accuracy"],
                                 "bytes_per_step": statistics.mean(result["bytes"]),
-                                "bytes_per_step_after_switch": statistics.mean(result["bytes"][switch + 1:])})
-                print(records[-1], flush=True)
+                                "bytes_per_step_after_switch": statistics.mean(result["bytes"][switch + 1:]),
+                                "bytes": result["bytes"], "curve": result["curve"]})
+                print({k: v for k, v in records[-1].items() if k not in ("bytes", "curve")}, flush=True)
     return records
 
 
@@ -211,6 +225,88 @@ Command: `python -m benchmarks.ddp --accuracy --tasks {' '.join(tasks)} --seeds 
 """
 
 
+def _curve_points(records, task, method) -> list[dict]:
+    """Seed means at each curve point: step, bytes sent in that step, bytes sent so far, accuracy, state bytes."""
+    rows = [r for r in records if r["task"] == task and r["method"] == method]
+    points = []
+    for index, point in enumerate(rows[0]["curve"]):
+        step = point["step"]
+        points.append({"step": step, "bytes_per_step": statistics.mean(r["bytes"][step - 1] for r in rows),
+                       "bytes_so_far": statistics.mean(sum(r["bytes"][:step]) for r in rows),
+                       "accuracy": statistics.mean(r["curve"][index]["accuracy"] for r in rows),
+                       "state_bytes": statistics.mean(r["curve"][index]["state_bytes"] for r in rows)})
+    return points
+
+
+def _curve_plot(records, tasks, methods) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(16, 4.2 * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks):
+        name = ACCURACY_TASKS[task]["name"]
+        for method in methods:
+            points = _curve_points(records, task, method)
+            rows = [r for r in records if r["task"] == task and r["method"] == method]
+            per_step = [statistics.mean(r["bytes"][s] for r in rows) for s in range(len(rows[0]["bytes"]))]
+            row[0].plot(range(1, len(per_step) + 1), per_step, label=method)
+            row[1].plot([p["bytes_per_step"] for p in points], [p["accuracy"] for p in points], marker="o", ms=3,
+                        label=method)
+            row[2].plot([p["step"] for p in points], [p["state_bytes"] for p in points], marker="o", ms=3, label=method)
+        row[0].set(yscale="log", xlabel="step", ylabel="bytes sent per step (one rank)", title=f"{name}: bytes per step")
+        row[1].set(xscale="log", xlabel="bytes sent in that step", ylabel="test accuracy",
+                   title=f"{name}: accuracy against bytes per step over the run")
+        row[2].set(yscale="log", xlabel="step", ylabel="optimizer state (bytes)", title=f"{name}: optimizer state")
+        for ax in row:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, "ddp_gradual_curve.png")
+
+
+def _curve_section(records, tasks, seeds, methods, image: str | None) -> str:
+    tables = []
+    for task in tasks:
+        lines = []
+        curves = {method: _curve_points(records, task, method) for method in methods}
+        steps = ACCURACY_TASKS[task]["steps"]
+        keep = {steps // 4, steps // 2, steps // 2 + steps // 10, steps * 3 // 4, steps}
+        for index, point in enumerate(curves[methods[0]]):
+            if point["step"] not in keep:
+                continue
+            cells = [f"{c[index]['bytes_per_step']:,.0f} / {c[index]['accuracy']:.3f} / {c[index]['state_bytes']:,.0f}"
+                     for c in curves.values()]
+            lines.append(f"| {point['step']} | {' | '.join(cells)} |")
+        totals = [f"{curves[m][-1]['bytes_so_far']:,.0f}" for m in methods]
+        lines.append(f"| bytes sent in the run | {' | '.join(totals)} |")
+        tables.append(f"""{ACCURACY_TASKS[task]['name']} (switch at step {ACCURACY_TASKS[task]['switch']} of {steps}):
+
+| step | {' | '.join(methods)} |
+|---|{'---|' * len(methods)}
+{chr(10).join(lines)}
+""")
+    return f"""## Embedded CMD over a run: bytes per step, accuracy and state beside DDP and PowerSGD
+
+2 gloo processes, the global batch split between them, SGD 0.05 with momentum 0.9, equal steps, {seeds} seed(s)
+(means). "CMD hook (gradual)" is `CMDOptimizer(model, base=SGD, reduction="gradual")` (embedded CMD at its defaults:
+a round every 2 snapshots embeds 10% of the live parameters) with `register_cmd_hook`: after the switch each
+step sends the gradients of the parameters not embedded yet, so its bytes fall at every round, and its
+optimizer state (SGD's momentum of the live elements, the online fit of the live elements, 10 bytes per
+embedded one) falls with them. PowerSGD compresses from the same step (`start_powerSGD_iter` = the switch).
+Bytes: what one rank hands to `torch.distributed.all_reduce` in that step. Cells: bytes sent in the step /
+test accuracy / optimizer state bytes (`optimizer_state_bytes`; SGD's momentum for DDP and PowerSGD, whose
+hooks keep their own error-feedback and warm-start state besides, not counted here).
+
+Machine: {machine()}.
+Command: `python -m benchmarks.ddp --curve --tasks {' '.join(tasks)} --seeds {seeds}`
+
+{chr(10).join(tables)}
+{f"![bytes per step, accuracy and state over the run](img/{image})" if image else ""}
+"""
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=4_000_000)
@@ -220,8 +316,21 @@ def main() -> None:
     parser.add_argument("--accuracy", action="store_true", help="accuracy against bytes: DDP, PowerSGD, CMD")
     parser.add_argument("--tasks", nargs="+", choices=sorted(ACCURACY_TASKS), default=["digits", "mnist1d"])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--curve", action="store_true",
+                        help="bytes per step, accuracy and state over a run: DDP, PowerSGD, embedded CMD's hook")
     parser.add_argument("--json", help="write the accuracy records here")
     args = parser.parse_args()
+    if args.curve:
+        records = accuracy_comparison(args.tasks, args.seeds, methods=CURVE_METHODS)
+        if args.json:
+            with open(args.json, "w") as out:
+                json.dump(records, out)
+        image = None if args.no_write else _curve_plot(records, args.tasks, CURVE_METHODS)
+        body = _curve_section(records, args.tasks, args.seeds, CURVE_METHODS, image)
+        print(body)
+        if not args.no_write:
+            write_section("ddp-curve", body)
+        return
     if args.accuracy:
         records = accuracy_comparison(args.tasks, args.seeds)
         if args.json:

@@ -54,7 +54,7 @@ class GradualEmbedding:
     Public attributes, over all N tracked elements in decomposition order: ``embedded`` (bool), ``tied_slope``
     and ``tied_offset`` (the line an embedded element follows; 0 for a live one), ``modes`` (each element's
     mode), ``references`` (each mode's reference element). ``positions``: per parameter, the flat positions
-    of its live elements (a LongTensor on its device), or None while all of them are live (no memory);
+    of its live elements (an int32 tensor on its device), or None while all of them are live (no memory);
     ``live_counts``: how many each has.
     """
 
@@ -148,7 +148,8 @@ class GradualEmbedding:
                 self.live_counts.append(end - start)
                 self._views.append(None)
                 continue
-            self.positions.append((~mask).nonzero().squeeze(1).to(p.device))
+            index_dtype = torch.int32 if end - start < 2**31 else torch.long  # 4 bytes per live element
+            self.positions.append((~mask).nonzero().squeeze(1).to(p.device, index_dtype))
             self.live_counts.append(self.positions[-1].numel())
             dtype = p.dtype if p.dtype == torch.float64 else torch.float32
             self._views.append(tuple(t[start:end].view(p.shape).to(p.device, dtype) if t.is_floating_point()

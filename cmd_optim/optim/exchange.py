@@ -9,7 +9,7 @@ Two reduced phases use it:
 - the mode reduction attaches its mode map (:meth:`ModeExchange.attach`): a bucket sends its contribution to
   the mode gradient (:meth:`ModeExchange.mode_sums`) and the gradients of its free parameters;
 - the packed gradual reduction attaches a *packing* (:meth:`ModeExchange.attach_packing`, any object with
-  ``positions_of(param) -> LongTensor | None``): a bucket sends the gradients of its parameters' live
+  ``positions_of(param) -> index tensor | None``): a bucket sends the gradients of its parameters' live
   elements only (:meth:`ModeExchange.pack`), which are written back averaged (:meth:`ModeExchange.unpack`).
 """
 
@@ -74,7 +74,7 @@ class ModeExchange:
             else:
                 flat = g.view(-1)
                 flat.zero_()
-                flat.index_copy_(0, positions.to(g.device), piece.to(g.dtype))
+                flat.index_copy_(0, positions.to(g.device).long(), piece.to(g.dtype))
             offset += count
         self._pending[key] = None
 

@@ -221,8 +221,8 @@ def _scatter(param: torch.Tensor, positions: torch.Tensor | None, values: torch.
     if positions is None:
         param.detach().copy_(values.view_as(param))
     elif param.is_contiguous():
-        param.detach().view(-1).index_copy_(0, positions, values)
+        param.detach().view(-1).index_copy_(0, positions.long(), values)
     else:
         flat = param.detach().reshape(-1).clone()
-        flat.index_copy_(0, positions, values)
+        flat.index_copy_(0, positions.long(), values)
         param.detach().copy_(flat.view_as(param))
