@@ -117,8 +117,7 @@ def _galore_rank(task, seed, model, target: int, cache: Path) -> tuple[int, int]
     if cache.exists():
         return tuple(json.loads(cache.read_text()))
     x, y = tasks.batch_at(tasks.load(task.data), seed, task.switch, task.batch)
-    make = lambda params, rank: peers.galore(params, rank, task.base, task.base_kwargs)  # noqa: E731
-    rank, size = peers.matched_rank(model, make, target, tasks.loss_of(model, x, y))
+    rank, size = peers.galore_rank(model, tasks.loss_of(model, x, y), target, task.base, task.base_kwargs)
     cache.write_text(json.dumps([rank, size]))
     return rank, size
 

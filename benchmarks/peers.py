@@ -6,6 +6,7 @@ at their documented settings; LoRA adapts every linear and convolution layer.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 
@@ -93,6 +94,7 @@ def matched_rank(model: nn.Module, make: Callable[[list[torch.Tensor], int], tor
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
 
+    @functools.cache  # each rank stepped once (a GaLore step is an SVD per matrix)
     def measured(rank: int) -> int:
         copies = [p.detach().clone().requires_grad_() for p in params]
         for copy, grad in zip(copies, grads):
@@ -107,6 +109,12 @@ def matched_rank(model: nn.Module, make: Callable[[list[torch.Tensor], int], tor
         low, high = (middle + 1, high) if measured(middle) < target else (low, middle)
     candidates = {rank: measured(rank) for rank in {max(1, low - 1), low}}
     return min(candidates.items(), key=lambda item: abs(item[1] - target))
+
+
+def galore_rank(model: nn.Module, loss: torch.Tensor, target: int, base: str, base_kwargs: dict) -> tuple[int, int]:
+    """GaLore's rank (:func:`galore` with the base's hyperparameters) whose state bytes come closest to
+    ``target`` after one step with the gradients of ``loss``; returns (rank, its bytes)."""
+    return matched_rank(model, lambda params, rank: galore(params, rank, base, base_kwargs), target, loss)
 
 
 def _adaptable(module: nn.Module) -> bool:
