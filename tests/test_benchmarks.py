@@ -1,6 +1,7 @@
 """The benchmark code itself: baselines that must be right for the comparisons to mean anything."""
 import dataclasses
 import json
+import math
 import sys
 
 import pytest
@@ -94,6 +95,64 @@ def test_step_cost_measures_every_optimizer_against_adamw():
     assert sgd_warmup == pytest.approx(4 + 4 * (50 // 10 + 1), rel=0.01)
     for name in ("CMD(SGD momentum), reduced", "CMD(AdamW), reduced"):  # a low-rank core per matrix
         assert by_name[name][0] > 0 and by_name[name][3] > 2  # (full rank at this size: U, V cost much)
+
+
+def _tiny_workload():
+    from benchmarks import harness_tasks, step_cost
+
+    def batch():
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn(16, 64, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+
+    return step_cost.Workload(lambda: harness_tasks.MLP(32), batch, lora_save=("head",))
+
+
+def test_step_cost_whole_step_times_cmd_and_the_peers_beside_adamw():
+    from benchmarks import step_cost
+
+    num_params, rows = step_cost.measure_whole(_tiny_workload(), repeats=3)
+    assert num_params == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
+    by_name = {r.method: r for r in rows}
+    assert list(by_name) == list(step_cost.WHOLE_METHODS)
+    for r in rows:  # every time and ratio measured, finite and positive
+        for value in (r.whole_s, r.step_s, r.whole_ratio, r.step_ratio):
+            assert math.isfinite(value) and value > 0, (r.method, value)
+        assert r.step_s < r.whole_s  # the step is timed inside the whole step
+    adamw, cmd, galore, lora = (by_name[name] for name in step_cost.WHOLE_METHODS)
+    assert adamw.whole_ratio == 1 and adamw.step_ratio == 1
+    assert adamw.trainable == num_params and cmd.trainable < num_params  # two matrices projected
+    assert 0 < cmd.state_bytes < adamw.state_bytes
+    assert abs(galore.state_bytes - cmd.state_bytes) <= 0.25 * cmd.state_bytes  # matched on state bytes
+    assert galore.rank >= 1 and lora.rank >= 1
+    adapters = lora.rank * (64 + 32 + 32 + 32)  # fc1 and fc2 adapted; the head (330 numbers) in full
+    assert lora.trainable == adapters + 330
+    assert abs(adapters - cmd.trainable) <= (64 + 32 + 32 + 32) / 2  # matched on trainable numbers
+
+
+def test_step_cost_writes_both_columns_and_the_backend(monkeypatch):
+    from benchmarks import step_cost
+
+    tiny = step_cost.Model("tiny MLP", lambda: step_cost.digits_shapes(hidden=16), _tiny_workload)
+    monkeypatch.setitem(step_cost.MODELS, "tiny", tiny)
+    written = {}
+    monkeypatch.setattr(step_cost, "write_section", lambda name, body: written.update({name: body}))
+    threads = torch.get_num_threads()
+    try:
+        results = step_cost.main(["--models", "tiny", "--repeats", "2", "--threads", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    body = written["step"]
+    assert "Command: `python -m benchmarks.step_cost --repeats 2 --models tiny --threads 1`" in body
+    assert f"torch {torch.__version__}, cpu, 1 threads" in body
+    assert "not measurements" in body  # no GPU rows: the page's GPU figures are the roofline's estimates
+    rows, (num_params, whole) = results["tiny"]
+    assert [name for name, *_ in rows] == list(step_cost.CONTENDERS)
+    assert [r.method for r in whole] == list(step_cost.WHOLE_METHODS)
+    summary = next(line for line in body.splitlines() if line.startswith("| tiny MLP |"))
+    ratios = [float(v) for cell in summary.split("|")[3:6] for v in cell.split("/")]
+    assert len(ratios) == 6 and all(math.isfinite(v) and v > 0 for v in ratios)
+    for method in step_cost.WHOLE_METHODS:
+        assert any(line.startswith(f"| {method} |") and line.count("|") == 9 for line in body.splitlines())
 
 
 def test_the_cost_suite_times_the_mode_rows_beside_their_bases():
