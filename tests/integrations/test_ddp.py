@@ -54,16 +54,17 @@ def worker(rank, world, folder, hook):
     leave_process_group()
 
 
-def single_process(world=2):
-    """One process on the global batch. Its loss is written as the mean of the ranks' shares' losses (the
-    same number as the global mean) so that the warm-up rounds exactly as under DDP: CMD assigns each
-    parameter to a mode by an argmax, which rounding-level differences can flip for a borderline one."""
+def single_process(world=2, make=model_and_optimizer, steps=STEPS):
+    """One process on the global batch: the weights and the optimizer. Its loss is written as the mean of the
+    ranks' shares' losses (the same number as the global mean) so that the warm-up rounds exactly as under
+    DDP: CMD assigns each parameter to a mode by an argmax, which rounding-level differences can flip for a
+    borderline one."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     data = datasets.digits(seed=0)
-    model, optimizer = model_and_optimizer()
+    model, optimizer = make()
     share = GLOBAL_BATCH // world
-    for step in range(STEPS):
+    for step in range(steps):
         x, y = batch(step, data)
         losses = [nn.functional.cross_entropy(model(x[r * share:(r + 1) * share]), y[r * share:(r + 1) * share])
                   for r in range(world)]
@@ -71,7 +72,7 @@ def single_process(world=2):
         optimizer.step()
         optimizer.zero_grad()
     torch.set_num_threads(threads)
-    return [p.detach() for p in model.parameters()]
+    return [p.detach() for p in model.parameters()], optimizer
 
 
 @pytest.mark.parametrize("hook", [True, False])
@@ -81,7 +82,7 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path, hook):
     assert ranks[0]["phase"] == "reduced"
     for p, q in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(p, q)  # identical on every rank
-    for p, q in zip(ranks[0]["params"], single_process()):
+    for p, q in zip(ranks[0]["params"], single_process()[0]):
         torch.testing.assert_close(p, q, atol=2e-5, rtol=1e-4)
     if hook:
         model, _ = model_and_optimizer()
@@ -133,24 +134,6 @@ def gradual_worker(rank, world, folder, hook):
     leave_process_group()
 
 
-def gradual_single_process(world=2):
-    """One process on the global batch (the loss written as the mean of the ranks' shares', as above)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    data = datasets.digits(seed=0)
-    model, optimizer = gradual_model_and_optimizer()
-    share = GLOBAL_BATCH // world
-    for step in range(GRADUAL_STEPS):
-        x, y = batch(step, data)
-        losses = [nn.functional.cross_entropy(model(x[r * share:(r + 1) * share]), y[r * share:(r + 1) * share])
-                  for r in range(world)]
-        (sum(losses) / world).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    torch.set_num_threads(threads)
-    return [p.detach() for p in model.parameters()], optimizer.embedding.num_embedded
-
-
 @pytest.mark.parametrize("hook", [True, False])
 def test_embedded_cmd_on_two_ranks_sends_only_live_gradients_and_matches_one_process(tmp_path, hook):
     mp.spawn(gradual_worker, args=(2, str(tmp_path), hook), nprocs=2, join=True)
@@ -158,7 +141,8 @@ def test_embedded_cmd_on_two_ranks_sends_only_live_gradients_and_matches_one_pro
     assert ranks[0]["phase"] == "reduced" and ranks[0]["rounds"] == 6
     for p, q in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(p, q)  # identical on every rank
-    single, embedded = gradual_single_process()
+    single, optimizer = single_process(make=gradual_model_and_optimizer, steps=GRADUAL_STEPS)
+    embedded = optimizer.embedding.num_embedded
     assert embedded > 0
     for p, q in zip(ranks[0]["params"], single):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=0)
