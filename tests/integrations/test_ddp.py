@@ -29,13 +29,18 @@ def batch(step, data):
     return data[0][index], data[1][index]
 
 
-def worker(rank, world, folder, hook):
+def join(rank, world, folder, hook, make):
+    """This rank's process group, the digits, and ``make()``'s model in DDP (with the CMD hook if ``hook``):
+    (data, model, optimizer, ddp, hook state or None)."""
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    data = datasets.digits(seed=0)
-    model, optimizer = model_and_optimizer()
+    model, optimizer = make()
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.004)  # several buckets
-    state = register_cmd_hook(ddp, optimizer) if hook else None
+    return datasets.digits(seed=0), model, optimizer, ddp, register_cmd_hook(ddp, optimizer) if hook else None
+
+
+def worker(rank, world, folder, hook):
+    data, model, optimizer, ddp, state = join(rank, world, folder, hook, model_and_optimizer)
     sent, buckets = [], []
     share = GLOBAL_BATCH // world
     for step in range(STEPS):
@@ -110,12 +115,7 @@ def gradual_model_and_optimizer(base=torch.optim.SGD, **kwargs):
 
 
 def gradual_worker(rank, world, folder, hook):
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    data = datasets.digits(seed=0)
-    model, optimizer = gradual_model_and_optimizer()
-    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.004)  # several buckets
-    state = register_cmd_hook(ddp, optimizer) if hook else None
+    data, model, optimizer, ddp, state = join(rank, world, folder, hook, gradual_model_and_optimizer)
     sent, live, state_bytes = [], [], []
     share = GLOBAL_BATCH // world
     for step in range(GRADUAL_STEPS):
@@ -164,12 +164,7 @@ def test_embedded_cmd_on_two_ranks_sends_only_live_gradients_and_matches_one_pro
 
 
 def gradual_no_sync_worker(rank, world, folder):
-    dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    data = datasets.digits(seed=0)
-    model, optimizer = gradual_model_and_optimizer()
-    ddp = nn.parallel.DistributedDataParallel(model)
-    register_cmd_hook(ddp, optimizer)
+    data, model, optimizer, ddp, _ = join(rank, world, folder, True, gradual_model_and_optimizer)
     for step in range(WARMUP + 12):
         x, y = batch(step, data)
         nn.functional.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
