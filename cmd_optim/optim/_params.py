@@ -172,23 +172,20 @@ def tensor_bytes(tree) -> int:
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     """True if no tensor holds a NaN or an infinity.
 
-    One multi-tensor L2 norm per device and dtype (``torch._foreach_norm``, as ``clip_grad_norm_`` uses; NaN
-    and infinities propagate through it; measured 2.4x cheaper on the CPU than a sum per tensor, and 10-25x
-    cheaper than a max-norm or ``isfinite`` pass; half-precision tensors are normed in float32) and one
-    host sync. A float32 element whose square exceeds float32's range (about 1.8e19) counts as not finite.
+    One float32 sum per tensor (NaN and infinities propagate through a sum; it reads each tensor once,
+    which measured 10-25x cheaper on the CPU than a max-norm or ``isfinite`` pass) and one host sync.
+    A sum beyond float32's range (elements around 1e38, or a 1e30 gradient of a billion elements) counts
+    as not finite too.
     """
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
     for t in tensors:
         if t is None or not t.numel():
             continue
         if t.is_sparse:
             raise TypeError("a gradient is sparse; CMDOptimizer needs dense gradients")
-        groups.setdefault((t.device, t.dtype), []).append(t)
-    if not groups:
+        by_device.setdefault(t.device, []).append(t.sum(dtype=torch.float32))
+    if not by_device:
         return True
-    checks = []
-    for (_, dtype), ts in groups.items():
-        norms = torch._foreach_norm(ts, 2, dtype=torch.float32 if dtype.itemsize < 4 else None)
-        checks.append(torch.isfinite(torch.stack(norms)).all())
+    checks = [torch.isfinite(torch.stack(sums)).all() for sums in by_device.values()]
     first = checks[0].device
     return bool(torch.stack([c.to(first) for c in checks]).all())

@@ -449,7 +449,7 @@ def test_snapshots_in_a_file_train_like_snapshots_in_memory_and_resume(digits, t
 def test_the_finiteness_check_finds_nan_and_inf_in_any_dtype_and_passes_large_half_precision_gradients():
     from cmd_optim.optim._params import all_finite
 
-    big_half = torch.full((4096,), 2000.0, dtype=torch.float16)  # its norm, 128000, is beyond float16's range
+    big_half = torch.full((4096,), 2000.0, dtype=torch.float16)  # its sum and its norm are beyond float16's range
     assert all_finite([big_half, torch.ones(3, dtype=torch.bfloat16), torch.ones(2, dtype=torch.float64), None])
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         for bad in (float("nan"), float("inf"), float("-inf")):
