@@ -46,7 +46,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "harness.json"
 CMD_METHODS = {"default": {}, "modes": {"reduction": "modes"},
                "lowrank_no_residual": {"reduction": LowRank(residual=False)},
                "lowrank_share35": {"reduction": LowRank(state_share=0.35)},
-               "lowrank_refresh25": {"reduction": LowRank(refresh_every=25)}}
+               "lowrank_refresh25": {"reduction": LowRank(refresh_every=25)},
+               "lowrank_spectrum": {"reduction": LowRank(allocate="spectrum")}}
 
 
 @dataclass(frozen=True)

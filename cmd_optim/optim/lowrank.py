@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import heapq
 import warnings
 from collections.abc import Callable
 from typing import ClassVar
@@ -39,7 +40,7 @@ from .phase import Setup, guarded_step
 from .reduction import Reduction, register
 from .warmup import WarmupPhase, WarmupRecorder, load_base_state
 
-__all__ = ["LowRank", "LowRankPhase", "MatrixPlan", "plan_matrices"]
+__all__ = ["LowRank", "LowRankPhase", "MatrixPlan", "plan_matrices", "spread_by_spectrum"]
 
 #: Optimizer-state entries carried into (and rotated with) the core: first moments move linearly, second
 #: moments through the squared rotation.
@@ -89,6 +90,37 @@ def plan_matrices(names: list[str], shapes: list[tuple[int, int]], state_tensors
     return plans
 
 
+def spread_by_spectrum(plans: list[MatrixPlan], spectra: list[torch.Tensor | None]) -> list[MatrixPlan]:
+    """The same total state as ``plans``, its ranks re-dealt across the projected matrices by their spectra
+    (each matrix's singular values, e.g. of its first moment): one direction at a time, to the matrix whose
+    next direction holds the largest share of its energy per byte of state, each at least rank 1 and below
+    its shorter side. Matrices trained in full, and those without a spectrum, keep their plan."""
+    budget = sum(plan.state_bytes() for plan, sv in zip(plans, spectra) if plan.projected and sv is not None)
+    ranks, heap, per_rank = {}, [], {}
+    for index, (plan, sv) in enumerate(zip(plans, spectra)):
+        if not plan.projected or sv is None:
+            continue
+        energy = sv.double().square()
+        shares = (energy / energy.sum().clamp_min(1e-300)).tolist()
+        m, n = plan.shape
+        per_rank[index] = (4 * (min(m, n) + plan.state_tensors * max(m, n)), shares)
+        ranks[index] = 1
+        budget -= per_rank[index][0]
+        if len(shares) > 1 and min(m, n) > 2:
+            heapq.heappush(heap, (-shares[1] / per_rank[index][0], index))
+    while heap:
+        _, index = heapq.heappop(heap)
+        cost, shares = per_rank[index]
+        if cost > budget:
+            continue
+        ranks[index] += 1
+        budget -= cost
+        r = ranks[index]
+        if r < len(shares) and r + 1 < min(plans[index].shape):
+            heapq.heappush(heap, (-shares[r] / cost, index))
+    return [dataclasses.replace(plan, rank=ranks.get(index, plan.rank)) for index, plan in enumerate(plans)]
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class LowRank(Reduction):
@@ -103,6 +135,9 @@ class LowRank(Reduction):
         min_side: matrices whose shorter side is at most this train in full (classifier heads, small layers).
         seed: seeds the refreshes' random test matrices.
         kernel: the step's kernels (:data:`cmd_optim.core.subspace.KERNELS`).
+        allocate: ``"share"`` (each matrix gets ``state_share`` of its own state) or ``"spectrum"`` (the same
+            total re-dealt by the spectra of the base's first moments at the switch, :func:`spread_by_spectrum`;
+            a research setting).
     """
 
     state_share: float = 0.25
@@ -112,6 +147,7 @@ class LowRank(Reduction):
     min_side: int = 16
     seed: int = 0
     kernel: str = "auto"
+    allocate: str = "share"
 
     name: ClassVar[str] = "lowrank"
     shortcuts: ClassVar[tuple[str, ...]] = ("seed",)
@@ -128,6 +164,8 @@ class LowRank(Reduction):
         self._set("seed", check_int("seed", self.seed, low=0, high=2**63 - 1))
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.allocate not in ("share", "spectrum"):
+            raise ValueError(f"allocate must be 'share' or 'spectrum', got {self.allocate!r}")
 
     def warmup_recorder(self, setup: Setup, saved: dict | None = None) -> SwitchGradients:
         return SwitchGradients(setup, saved)
@@ -138,8 +176,17 @@ class LowRank(Reduction):
         names = [setup.params.names[p][0] for p in matrices]
         counts = [sum(1 for v in base_state.get(p, {}).values() if isinstance(v, torch.Tensor) and v.numel() ==
                       p.numel()) for p in matrices]
-        return plan_matrices(names, [_matrix_shape(p) for p in matrices], counts, self.state_share, self.rank,
-                             self.min_side)
+        plans = plan_matrices(names, [_matrix_shape(p) for p in matrices], counts, self.state_share, self.rank,
+                              self.min_side)
+        if self.allocate == "share" or self.rank is not None:
+            return plans
+        spectra = []
+        for p, plan in zip(matrices, plans):
+            state = base_state.get(p, {})
+            source = next((state[k] for k in FIRST_MOMENTS if isinstance(state.get(k), torch.Tensor)), p.grad)
+            spectra.append(torch.linalg.svdvals(source.detach().float().reshape(_matrix_shape(p)))
+                           if plan.projected and source is not None else None)
+        return spread_by_spectrum(plans, spectra)
 
     def build(self, setup: Setup, warmup: WarmupPhase, steps_taken: int) -> LowRankPhase:
         """The phase at the switch: ranks planned, bases from the base's first moment (or the gradient), the

@@ -8,7 +8,7 @@ from torch import nn
 
 from benchmarks import datasets
 from cmd_optim import CMDOptimizer, LowRank
-from cmd_optim.optim.lowrank import plan_matrices
+from cmd_optim.optim.lowrank import plan_matrices, spread_by_spectrum
 from tests._helpers import accuracy, mlp, roundtrip, train
 
 
@@ -26,6 +26,34 @@ def test_ranks_keep_each_matrix_state_within_its_share_and_small_sides_train_in_
     assert [p.rank for p in fixed] == [48, 0]  # rank 48 reaches the 30-wide side: trained in full
     stateless = plan_matrices(["a", "b"], [(256, 64)] * 2, [0, 0], 0.25, None, 16)
     assert [p.rank for p in stateless] == [0, 0]  # plain SGD keeps nothing: nothing to save by projecting
+
+
+def test_spectrum_allocation_deals_the_same_state_to_the_matrices_whose_energy_is_spread():
+    shapes = [(256, 256), (256, 256), (10, 256)]
+    plans = plan_matrices(["peaked", "flat", "head"], shapes, [2, 2, 2], 0.25, None, 16)
+    peaked = torch.cat([torch.tensor([10.0, 5.0, 2.0]), torch.full((253,), 1e-3)])
+    spectra = [peaked, torch.linspace(1.0, 0.5, 256), None]
+    dealt = spread_by_spectrum(plans, spectra)
+    assert sum(p.state_bytes() for p in dealt) <= sum(p.state_bytes() for p in plans)
+    assert sum(p.state_bytes() for p in dealt) > 0.95 * sum(p.state_bytes() for p in plans)
+    assert dealt[0].rank == 3 and dealt[1].rank > plans[1].rank  # the peaked one needs only its 3 directions
+    assert dealt[2] == plans[2]  # trained in full: untouched
+    assert all(1 <= p.rank < 256 for p in dealt[:2])
+    with pytest.raises(ValueError, match="allocate must be"):
+        LowRank(allocate="greedy")
+
+
+def test_spectrum_allocation_trains_through_the_switch_within_the_shares_state(digits):
+    states, ranks = [], []
+    for allocate in ("share", "spectrum"):
+        model = mlp()
+        opt = _cmd(model, base=torch.optim.AdamW, switch_after=20, reduction=LowRank(allocate=allocate))
+        before = [p.detach().clone() for p in model.parameters()]
+        train(model, opt, digits, steps=40)
+        assert opt.phase == "reduced" and all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        states.append(opt.state_bytes)
+        ranks.append([m["rank"] for m in opt.switch_report["matrices"]])
+    assert states[1] <= states[0] and ranks[1] != ranks[0]
 
 
 def _cmd(model, base=torch.optim.SGD, switch_after=30, **kwargs):
