@@ -166,6 +166,8 @@ class LowRank(Reduction):
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         if self.allocate not in ("share", "spectrum"):
             raise ValueError(f"allocate must be 'share' or 'spectrum', got {self.allocate!r}")
+        if self.allocate == "spectrum" and self.rank is not None:
+            raise ValueError("allocate='spectrum' re-deals the state_share budget; with a fixed rank= there is none")
 
     def warmup_recorder(self, setup: Setup, saved: dict | None = None) -> SwitchGradients:
         return SwitchGradients(setup, saved)
@@ -178,7 +180,7 @@ class LowRank(Reduction):
                       p.numel()) for p in matrices]
         plans = plan_matrices(names, [_matrix_shape(p) for p in matrices], counts, self.state_share, self.rank,
                               self.min_side)
-        if self.allocate == "share" or self.rank is not None:
+        if self.allocate == "share":
             return plans
         spectra = []
         for p, plan in zip(matrices, plans):

@@ -41,6 +41,8 @@ def test_spectrum_allocation_deals_the_same_state_to_the_matrices_whose_energy_i
     assert all(1 <= p.rank < 256 for p in dealt[:2])
     with pytest.raises(ValueError, match="allocate must be"):
         LowRank(allocate="greedy")
+    with pytest.raises(ValueError, match="fixed rank"):
+        LowRank(allocate="spectrum", rank=8)
 
 
 def test_spectrum_allocation_trains_through_the_switch_within_the_shares_state(digits):
