@@ -3,8 +3,8 @@ from examples import federated
 
 def test_clients_upload_the_mode_vector_and_the_free_layer_after_the_warmup():
     rounds, warmup, clients = 8, 4, 3
-    plain, cmd, embedded = federated.main(["--rounds", str(rounds), "--warmup-rounds", str(warmup), "--clients", str(clients),
-                                 "--local-steps", "10", "--modes", "4"])
+    plain, cmd, embedded = federated.main(["--rounds", str(rounds), "--warmup-rounds", str(warmup),
+                                           "--clients", str(clients), "--local-steps", "10", "--modes", "4"])
     n = plain["num_params"]
     head = 64 * 10 + 10
     assert plain["uploaded"] == rounds * clients * 4 * n

@@ -209,7 +209,8 @@ class GradualEmbedding:
                              f"{d.num_params}")
         for key in _LIVE:
             if tuple(state[key].shape) != (live,):
-                raise ValueError(f"the gradual-embedding state's {key!r} must have one entry per live parameter ({live})")
+                raise ValueError(f"the gradual-embedding state's {key!r} must have one entry per live parameter "
+                                 f"({live})")
         modes, references = state["modes"], state["references"]
         if modes.is_floating_point() or (n and (int(modes.min()) < 0 or int(modes.max()) >= d.num_modes)):
             raise ValueError(f"the gradual-embedding state's 'modes' must hold integers in [0, {d.num_modes})")

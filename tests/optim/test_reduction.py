@@ -52,7 +52,8 @@ def test_each_reduction_refuses_the_shortcuts_it_does_not_use(name, tmp_path):
         assert set(cls.shortcuts) == set(SHORTCUTS)
     for key in unused:
         first_user = sorted(reduction_module.users_of(key))[0]
-        with pytest.raises(TypeError, match=rf"{key}= is used by reduction .*'{first_user}'.*not by reduction='{name}'"):
+        message = rf"{key}= is used by reduction .*'{first_user}'.*not by reduction='{name}'"
+        with pytest.raises(TypeError, match=message):
             CMDOptimizer(_model(), base=torch.optim.SGD, reduction=name, lr=0.1, **{key: given[key]})
 
 
