@@ -126,12 +126,8 @@ class CMDCallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, optimizer=None, **kwargs):
         cmd = find_cmd_optimizer(optimizer)
-        if cmd is not None and cmd.phase == "warmup":
-            warnings.warn(
-                f"training ended after {cmd.steps_taken} optimizer steps, before CMD's switch at step "
-                f"{cmd.switch_after}: the run was ordinary {cmd.base_name} training. "
-                "Lower switch_after (it counts optimizer steps, not the scheduler's warmup_steps) or train longer.",
-                stacklevel=2)
+        if cmd is not None:
+            cmd.training_ended()
         return control
 
 

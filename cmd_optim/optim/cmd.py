@@ -58,10 +58,11 @@ class _Progress:
     reduced: bool
     switch_after: int
     base: str
+    told: bool = False  # the end was said already (:meth:`CMDOptimizer.training_ended`)
 
 
 def _discarded(progress: _Progress) -> None:
-    if not progress.steps or progress.reduced:
+    if not progress.steps or progress.reduced or progress.told:
         return
     where = (f"before the switch at step {progress.switch_after}" if progress.steps < progress.switch_after
              else "without switching (its switch did not succeed)")
@@ -186,6 +187,18 @@ class CMDOptimizer(torch.optim.Optimizer):
     @steps_taken.setter
     def steps_taken(self, value: int) -> None:
         self._progress.steps = value
+
+    def training_ended(self) -> None:
+        """Say (a UserWarning) that training ended before the switch, if it did; called by a training loop's end
+        (``CMDCallback`` under the Trainer). The optimizer then says nothing more of it when it is discarded."""
+        if self._phase.reduced:
+            return
+        self._progress.told = True
+        warnings.warn(
+            f"training ended after {self.steps_taken} optimizer steps, before CMD's switch at step "
+            f"{self.switch_after}: the run was ordinary {self.base_name} training. "
+            "Lower switch_after (it counts optimizer steps, not the scheduler's warmup_steps) or train longer.",
+            stacklevel=3)  # the loop that ended (the Trainer's callback handler, under CMDCallback)
 
     @property
     def base_name(self) -> str:

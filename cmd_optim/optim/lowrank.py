@@ -96,28 +96,29 @@ def spread_by_spectrum(plans: list[MatrixPlan], spectra: list[torch.Tensor | Non
     next direction holds the largest share of its energy per byte of state, each at least rank 1 and below
     its shorter side. Matrices trained in full, and those without a spectrum, keep their plan."""
     budget = sum(plan.state_bytes() for plan, sv in zip(plans, spectra) if plan.projected and sv is not None)
-    ranks, heap, per_rank = {}, [], {}
+    ranks, costs, shares, heap = {}, {}, {}, []
+
+    def offer(index: int) -> None:  # the matrix's next direction, if it has one below its shorter side
+        r = ranks[index]
+        if r < len(shares[index]) and r + 1 < min(plans[index].shape):
+            heapq.heappush(heap, (-shares[index][r] / costs[index], index))
+
     for index, (plan, sv) in enumerate(zip(plans, spectra)):
         if not plan.projected or sv is None:
             continue
         energy = sv.double().square()
-        shares = (energy / energy.sum().clamp_min(1e-300)).tolist()
         m, n = plan.shape
-        per_rank[index] = (4 * (min(m, n) + plan.state_tensors * max(m, n)), shares)
+        shares[index] = (energy / energy.sum().clamp_min(1e-300)).tolist()
+        costs[index] = 4 * (min(m, n) + plan.state_tensors * max(m, n))  # the state of one direction
         ranks[index] = 1
-        budget -= per_rank[index][0]
-        if len(shares) > 1 and min(m, n) > 2:
-            heapq.heappush(heap, (-shares[1] / per_rank[index][0], index))
+        budget -= costs[index]
+        offer(index)
     while heap:
         _, index = heapq.heappop(heap)
-        cost, shares = per_rank[index]
-        if cost > budget:
-            continue
-        ranks[index] += 1
-        budget -= cost
-        r = ranks[index]
-        if r < len(shares) and r + 1 < min(plans[index].shape):
-            heapq.heappush(heap, (-shares[r] / cost, index))
+        if costs[index] <= budget:
+            ranks[index] += 1
+            budget -= costs[index]
+            offer(index)
     return [dataclasses.replace(plan, rank=ranks.get(index, plan.rank)) for index, plan in enumerate(plans)]
 
 
@@ -172,8 +173,8 @@ class LowRank(Reduction):
     def warmup_recorder(self, setup: Setup, saved: dict | None = None) -> SwitchGradients:
         return SwitchGradients(setup, saved)
 
-    def plan(self, setup: Setup, base_state: dict) -> list[MatrixPlan]:
-        """The plan of every tracked matrix, from the base's state at the switch."""
+    def plan(self, setup: Setup, base_state: dict, gradients: dict) -> list[MatrixPlan]:
+        """The plan of every tracked matrix, from the base's state and the gradients at the switch."""
         matrices = setup.tracked_matrices
         names = [setup.params.names[p][0] for p in matrices]
         counts = [sum(1 for v in base_state.get(p, {}).values() if isinstance(v, torch.Tensor) and v.numel() ==
@@ -184,8 +185,7 @@ class LowRank(Reduction):
             return plans
         spectra = []
         for p, plan in zip(matrices, plans):
-            state = base_state.get(p, {})
-            source = next((state[k] for k in FIRST_MOMENTS if isinstance(state.get(k), torch.Tensor)), p.grad)
+            source = _direction_source(p, base_state, gradients)
             spectra.append(torch.linalg.svdvals(source.detach().float().reshape(_matrix_shape(p)))
                            if plan.projected and source is not None else None)
         return spread_by_spectrum(plans, spectra)
@@ -193,8 +193,8 @@ class LowRank(Reduction):
     def build(self, setup: Setup, warmup: WarmupPhase, steps_taken: int) -> LowRankPhase:
         """The phase at the switch: ranks planned, bases from the base's first moment (or the gradient), the
         base's state carried into the cores."""
-        base_state = warmup.optimizer.state
-        plans = self.plan(setup, base_state)
+        base_state, gradients = warmup.optimizer.state, warmup.recorder.gradients()
+        plans = self.plan(setup, base_state, gradients)
         if not any(isinstance(v, torch.Tensor) and v.numel() > 1 for state in base_state.values()
                    for v in state.values()) and not any(p.grad is not None for p in setup.params.tracked):
             raise RuntimeError(f"the warm-up gave no parameter a gradient in {steps_taken} steps (step() without a "
@@ -207,7 +207,7 @@ class LowRank(Reduction):
                           "state_share, or keep them free", RuntimeWarning, stacklevel=4)
         phase = LowRankPhase(setup, self, plans)
         with phase.same_rounding():
-            self._start(phase, base_state, warmup.recorder.gradients())
+            self._start(phase, base_state, gradients)
         return phase
 
     @staticmethod
@@ -215,13 +215,8 @@ class LowRank(Reduction):
         """The first bases, from the base's first moment (or the switch step's gradient), and the base's state
         carried over."""
         matrices = phase.projected
-        sources = {}
-        for index, p in enumerate(matrices):
-            state = base_state.get(p, {})
-            source = next((state[k] for k in FIRST_MOMENTS if isinstance(state.get(k), torch.Tensor)),
-                          gradients.get(p))
-            if source is not None:
-                sources[index] = source
+        sources = {index: source for index, p in enumerate(matrices)
+                   if (source := _direction_source(p, base_state, gradients)) is not None}
         phase.map.refresh(sources, count=0, agree=phase.agree)
         for index, (p, core) in enumerate(zip(matrices, phase.cores)):
             carried = _carry(phase.map, index, base_state.get(p, {}))
@@ -293,21 +288,28 @@ class SwitchGradients(WarmupRecorder):
     def after_step(self, steps_taken: int) -> None:
         self.steps_taken = steps_taken
 
-    def gradients(self) -> dict:
+    def _switch_step(self) -> list[torch.Tensor | None]:
         """Each tracked matrix's gradient of the switch step: saved, or its live ``.grad``."""
-        matrices = self.setup.tracked_matrices
-        grads = self.saved if self.saved is not None else [p.grad for p in matrices]
-        return {p: g for p, g in zip(matrices, grads) if g is not None}
+        return self.saved if self.saved is not None else [p.grad for p in self.setup.tracked_matrices]
+
+    def gradients(self) -> dict:
+        """:meth:`_switch_step` by matrix, the matrices without a gradient left out."""
+        return {p: g for p, g in zip(self.setup.tracked_matrices, self._switch_step()) if g is not None}
 
     def state(self) -> dict:
         if self.steps_taken < self.setup.switch_after:
             return {}
-        return {"switch_gradients": [None if g is None else g.detach().clone() for g in
-                                     (self.saved or [p.grad for p in self.setup.tracked_matrices])]}
+        return {"switch_gradients": [None if g is None else g.detach().clone() for g in self._switch_step()]}
 
     @property
     def nbytes(self) -> int:
         return 0 if self.saved is None else tensor_bytes(self.saved)
+
+
+def _direction_source(p: torch.Tensor, base_state: dict, gradients: dict) -> torch.Tensor | None:
+    """What a matrix's first directions come from: the base's first moment, else the switch step's gradient."""
+    state = base_state.get(p, {})
+    return next((state[k] for k in FIRST_MOMENTS if isinstance(state.get(k), torch.Tensor)), gradients.get(p))
 
 
 def _matrix_shape(p: torch.Tensor) -> tuple[int, int]:
