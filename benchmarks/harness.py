@@ -35,6 +35,7 @@ import torch
 
 from cmd_optim import LowRank
 
+from . import base_rates
 from . import harness_tasks as tasks
 from . import peers
 from .report import DOC, machine, save_figure
@@ -72,8 +73,10 @@ QUICK_TASKS = ["digits_mlp", "mnist1d_gru"]
 HELD_OUT_TASKS = ["stdlib_lstm", "digits_vit", "mnist1d_rescnn"]
 
 
-def task_of(name: str, quick: bool) -> tasks.Task:
-    return tasks.quick(tasks.TASKS[name]) if quick else tasks.TASKS[name]
+def task_of(name: str, quick: bool, rates: dict[str, float] | None = None) -> tasks.Task:
+    """The task (at its tuned base rate from ``rates``, if given; shortened with ``quick``)."""
+    task = base_rates.tuned(name, rates) if rates else tasks.TASKS[name]
+    return tasks.quick(task) if quick else task
 
 
 
@@ -147,9 +150,10 @@ def run_peer(task: tasks.Task, seed: int, method: str, checkpoint: Path, default
     return [dict(method=method, **result, state_bytes=peers.state_bytes(optimizer), **extra)]
 
 
-def run_unit(name: str, method: str, seed: int, quick: bool, folder: str, default: dict | None) -> list[dict]:
+def run_unit(name: str, method: str, seed: int, quick: bool, folder: str, default: dict | None,
+             rates: dict[str, float] | None = None) -> list[dict]:
     """One independent run (``method`` "base": the switch and full rows) as records tagged with task and seed."""
-    task, checkpoint = task_of(name, quick), Path(folder) / f"{name}_{seed}.pt"
+    task, checkpoint = task_of(name, quick, rates), Path(folder) / f"{name}_{seed}.pt"
     start = time.perf_counter()
     if method == "base":
         rows = run_base(task, seed, checkpoint)
@@ -184,9 +188,11 @@ class _Inline:
         return False
 
 
-def measure(names: list[str], methods: list[str], seeds: int, jobs: int, quick: bool, on_update=None) -> list[dict]:
+def measure(names: list[str], methods: list[str], seeds: int, jobs: int, quick: bool, on_update=None,
+            rates: dict[str, float] | None = None) -> list[dict]:
     """Every (task, method, seed) run; CMD rows after the base run of their seed, peers after its default.
-    ``on_update(records)`` after each finished unit. Failed units give records with an ``error``."""
+    ``on_update(records)`` after each finished unit. Failed units give records with an ``error``. ``rates``:
+    the tasks' tuned base rates (:mod:`benchmarks.base_rates`), else their written ones."""
     cmd = [m for m in methods if m in CMD_METHODS]
     peer = [m for m in methods if m in PEERS]
     cmd = cmd if not peer or "default" in cmd else ["default", *cmd]
@@ -205,7 +211,7 @@ def measure(names: list[str], methods: list[str], seeds: int, jobs: int, quick: 
                 unit = ready[0]
                 pending.remove(unit)
                 default = next((r for r in records if (r["task"], r["method"], r["seed"]) == needs(unit)), None)
-                running[pool.submit(run_unit, *unit, quick, folder, default)] = unit
+                running[pool.submit(run_unit, *unit, quick, folder, default, rates)] = unit
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 unit = running.pop(future)
@@ -259,9 +265,9 @@ def _label(method: str, rows: list[dict], task: tasks.Task) -> str:
     return {"switch": "at the switch", "full": f"full ({task.base})"}.get(method, method + rank)
 
 
-def task_table(name: str, records: list[dict], quick: bool = False) -> str:
+def task_table(name: str, records: list[dict], quick: bool = False, rates: dict[str, float] | None = None) -> str:
     """One task's markdown table: seed means ± std, per-seed recovery."""
-    task = task_of(name, quick)
+    task = task_of(name, quick, rates)
     mine = [r for r in records if r["task"] == name]
     seeds = sorted({r["seed"] for r in mine})
     params = next((r["parameters"] for r in mine if "parameters" in r), 0)
@@ -351,6 +357,12 @@ HELD_OUT = Section(RESULTS.with_name("held_out.json"), "<!-- held-out:begin -->"
 (`HELD_OUT_TASKS` in benchmarks/harness.py) are of families the default was not developed against, added after
 it was chosen: nothing in `CMDOptimizer` or `LowRank` was changed or tuned on them, and their base rates were
 picked by a full-training sanity check of the base optimizer alone. The method is the task harness's above.""")
+TUNED = Section(RESULTS.with_name("harness_tuned.json"), "<!-- tuned:begin -->", "<!-- tuned:end -->",
+                "## Task harness at tuned base rates", "tuned_frontier.png", preface="""The same harness, every task
+(the held-out ones included) at the base rate that full training alone chose (section "Base rates chosen by
+full training", `python -m benchmarks.base_rates`): warm-up, full training, CMD and the peers all start from it,
+and the peers keep their two rates (x1 and x4 or x10 of it). A written rate that was too low favoured whichever
+method took a larger step, such as LoRA at lr x10; here full training is at its best rate of the grid.""")
 
 
 def write_doc(body: str, doc: Path = DOC, section: Section = HARNESS) -> None:
@@ -423,7 +435,7 @@ Summary (seed means; "behind" is where CMD loses):
 
 {summary(records, names)}
 
-{chr(10).join(task_table(n, records, meta["quick"]) for n in names)}
+{chr(10).join(task_table(n, records, meta["quick"], meta.get("rates")) for n in names)}
 {f"![frontier](img/{image})" if image else ""}
 """
     write_doc(f"{section.preface}\n\n{body}" if section.preface else body, section=section)
@@ -458,18 +470,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help=f"where the per-seed records go (default {RESULTS}; with "
                         f"--held-out {HELD_OUT.results})")
     parser.add_argument("--report", action="store_true", help="only rewrite the doc and plot from the JSON")
+    parser.add_argument("--tuned-rates", action="store_true", help="every task at the base rate full training chose "
+                        f"({base_rates.RESULTS.name}), the held-out tasks included, into {TUNED.results.name}")
     args = parser.parse_args(argv)
-    section = HELD_OUT if args.held_out else HARNESS
+    section = TUNED if args.tuned_rates else HELD_OUT if args.held_out else HARNESS
     path = args.json or (None if args.no_write else section.results)
     if args.report:
         report(json.loads((args.json or section.results).read_text()), section)
         return {}
-    names = HELD_OUT_TASKS if args.held_out else args.tasks or (QUICK_TASKS if args.quick else DEFAULT_TASKS)
-    command = "python -m benchmarks.harness" + (" --held-out" if args.held_out else "") + (
+    names = HELD_OUT_TASKS if args.held_out else args.tasks or (
+        QUICK_TASKS if args.quick else DEFAULT_TASKS + HELD_OUT_TASKS if args.tuned_rates else DEFAULT_TASKS)
+    rates = base_rates.load_rates() if args.tuned_rates else None
+    command = "python -m benchmarks.harness" + (" --tuned-rates" if args.tuned_rates else "") + (
+        " --held-out" if args.held_out else "") + (
         " --quick" if args.quick else "") + (
         f" --tasks {' '.join(names)}" if args.tasks else "") + (
         f" --methods {' '.join(args.methods)}" if args.methods != METHODS else "") + f" --seeds {args.seeds}"
-    meta = dict(machine=machine(), commit=_commit(), command=command, quick=args.quick, total_s=0.0)
+    meta = dict(machine=machine(), commit=_commit(), command=command, quick=args.quick, total_s=0.0, rates=rates)
     start = time.perf_counter()
 
     def save(records):
@@ -479,12 +496,12 @@ def main(argv: list[str] | None = None) -> dict:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
 
-    records = measure(names, args.methods, args.seeds, args.jobs, args.quick, on_update=save)
+    records = measure(names, args.methods, args.seeds, args.jobs, args.quick, on_update=save, rates=rates)
     add_recovery(records)
     meta["total_s"] = time.perf_counter() - start
     save(records)
     payload = dict(meta=meta, records=records)
-    print("\n".join(task_table(n, records, args.quick) for n in tasks.TASKS if n in names))
+    print("\n".join(task_table(n, records, args.quick, rates) for n in tasks.TASKS if n in names))
     print(f"total {meta['total_s']:.0f} s")
     if not args.no_write:
         report(payload, section)

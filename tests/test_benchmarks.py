@@ -236,3 +236,24 @@ def test_harness_held_out_section_leaves_the_harness_section_alone(tmp_path):
     text = doc.read_text()
     assert text.startswith(f"# B\n\n{harness.HEADING}\n\n{harness.BEGIN}\nthe harness\n{harness.END}\n\nnotes\n")
     assert text.count(harness.HELD_OUT.heading) == 1 and "held-out second" in text and "held-out first" not in text
+
+
+def test_base_rate_choice_takes_the_lowest_loss_and_never_a_rate_that_diverged():
+    from benchmarks import base_rates
+
+    rows = [dict(task="t", scale=s, lr=0.1 * s, seed=seed, val_loss=loss)
+            for s, losses in {0.3: (0.9, 0.8), 1.0: (0.5, 0.6), 3.0: (0.2, None), 10.0: (0.7, 0.7), 30.0: (1.0, 1.0)}
+            .items() for seed, loss in enumerate(losses)]
+    assert base_rates.choose(rows) == {"t": 0.1}  # x3 is lower on seed 0 but diverged on seed 1
+
+
+def test_a_tuned_rate_reaches_every_run_of_the_task_and_leaves_the_others_written():
+    from benchmarks import harness, harness_tasks
+
+    rates = {"digits_mlp": 0.123}
+    tuned = harness.task_of("digits_mlp", quick=True, rates=rates)
+    assert tuned.base_kwargs == {**harness_tasks.TASKS["digits_mlp"].base_kwargs, "lr": 0.123}
+    assert harness.task_of("mnist1d_gru", quick=False, rates=rates) is harness_tasks.TASKS["mnist1d_gru"]
+    assert harness_tasks.TASKS["digits_mlp"].base_kwargs["lr"] == 0.01  # the written task is not changed
+    records = [dict(task="digits_mlp", method="switch", seed=0, val_loss=1.0, val_acc=0.5)]
+    assert "'lr': 0.123" in harness.task_table("digits_mlp", records, quick=True, rates=rates)
