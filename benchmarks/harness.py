@@ -35,9 +35,8 @@ import torch
 
 from cmd_optim import LowRank
 
-from . import base_rates
+from . import base_rates, peers
 from . import harness_tasks as tasks
-from . import peers
 from .report import DOC, machine, save_figure
 
 RESULTS = Path(__file__).resolve().parent / "results" / "harness.json"
