@@ -172,20 +172,33 @@ def tensor_bytes(tree) -> int:
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     """True if no tensor holds a NaN or an infinity.
 
-    One float32 sum per tensor (NaN and infinities propagate through a sum; it reads each tensor once,
-    which measured 10-25x cheaper on the CPU than a max-norm or ``isfinite`` pass) and one host sync.
-    A sum beyond float32's range (elements around 1e38, or a 1e30 gradient of a billion elements) counts
-    as not finite too.
+    Real floating tensors go through torch's fused non-finite check (the one ``GradScaler`` uses, at a scale of
+    1, which leaves them unchanged): one pass over all of a device's tensors in a single call, which measured
+    3x cheaper than a Python loop of per-tensor sums on an 85K-parameter model (equal when memory-bound).
+    Other dtypes are summed (NaN and infinities propagate through a sum). One host sync.
     """
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    fused: dict[torch.device, list[torch.Tensor]] = {}
+    others = []
     for t in tensors:
         if t is None or not t.numel():
             continue
         if t.is_sparse:
             raise TypeError("a gradient is sparse; CMDOptimizer needs dense gradients")
-        by_device.setdefault(t.device, []).append(t.sum(dtype=torch.float32))
-    if not by_device:
+        if t.dtype in _FUSED_CHECK:
+            fused.setdefault(t.device, []).append(t)
+        else:
+            others.append(t)
+    found = []
+    for device, group in fused.items():
+        found.append(torch.zeros(1, device=device))
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found[-1], torch.ones(1, device=device))
+    found += [(~torch.isfinite(t.sum())).reshape(1).float() for t in others]
+    if not found:
         return True
-    checks = [torch.isfinite(torch.stack(sums)).all() for sums in by_device.values()]
-    first = checks[0].device
-    return bool(torch.stack([c.to(first) for c in checks]).all())
+    if len(found) == 1:
+        return not bool(found[0])
+    return not bool(torch.cat([f.to(found[0].device) for f in found]).any())
+
+
+#: dtypes torch's fused non-finite check takes
+_FUSED_CHECK = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

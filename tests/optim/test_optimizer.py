@@ -1,5 +1,7 @@
 """CMDOptimizer's behaviour: what the phases do to the weights, on real data."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -457,3 +459,12 @@ def test_the_finiteness_check_finds_nan_and_inf_in_any_dtype_and_passes_large_ha
             t[517] = bad
             assert not all_finite([torch.ones(5), t])
     assert all_finite([])
+    near_limit = torch.full((8,), 3e38)  # finite, though its float32 sum is not
+    assert all_finite([near_limit])
+    for bad in (complex(0, math.inf), complex(math.nan, 0)):
+        assert not all_finite([torch.ones(3), torch.tensor([1 + 0j, bad])])
+    assert all_finite([torch.ones(2, dtype=torch.complex64), torch.ones(3).T])
+    gradients = [torch.randn(6, 5), torch.randn(7).to(torch.bfloat16), torch.randn(5, 6).T]
+    before = [(g.clone(), g._version) for g in gradients]
+    all_finite(gradients)
+    assert all(torch.equal(g, b) and g._version == v for g, (b, v) in zip(gradients, before))  # left untouched
