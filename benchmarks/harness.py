@@ -88,6 +88,12 @@ def _continue(model, optimizer, task, seed) -> dict:
                 diverged_at=diverged)
 
 
+def retuned(rates: dict[str, float]) -> list[str]:
+    """The harness's and held-out tasks whose tuned rate is not their written one (the others' runs at the
+    tuned rate are the sections at the written rates)."""
+    return [n for n in DEFAULT_TASKS + HELD_OUT_TASKS if n in rates and rates[n] != tasks.TASKS[n].base_kwargs["lr"]]
+
+
 def run_base(task: tasks.Task, seed: int, checkpoint: Path) -> list[dict]:
     """The base optimizer to W (the "switch" row; its weights saved to ``checkpoint``) and on to T ("full")."""
     model, data = tasks.build(task, seed), tasks.load(task.data)
@@ -361,7 +367,9 @@ TUNED = Section(RESULTS.with_name("harness_tuned.json"), "<!-- tuned:begin -->",
 (the held-out ones included) at the base rate that full training alone chose (section "Base rates chosen by
 full training", `python -m benchmarks.base_rates`): warm-up, full training, CMD and the peers all start from it,
 and the peers keep their two rates (x1 and x4 or x10 of it). A written rate that was too low favoured whichever
-method took a larger step, such as LoRA at lr x10; here full training is at its best rate of the grid.""")
+method took a larger step, such as LoRA at lr x10; here full training is at its best rate of the grid. Only the
+tasks whose chosen rate differs from their written one are run (`retuned`); for the others the sections above
+are already at the tuned rate.""")
 
 
 def write_doc(body: str, doc: Path = DOC, section: Section = HARNESS) -> None:
@@ -477,9 +485,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.report:
         report(json.loads((args.json or section.results).read_text()), section)
         return {}
-    names = HELD_OUT_TASKS if args.held_out else args.tasks or (
-        QUICK_TASKS if args.quick else DEFAULT_TASKS + HELD_OUT_TASKS if args.tuned_rates else DEFAULT_TASKS)
     rates = base_rates.load_rates() if args.tuned_rates else None
+    names = HELD_OUT_TASKS if args.held_out else args.tasks or (
+        QUICK_TASKS if args.quick else retuned(rates) if args.tuned_rates else DEFAULT_TASKS)
     command = "python -m benchmarks.harness" + (" --tuned-rates" if args.tuned_rates else "") + (
         " --held-out" if args.held_out else "") + (
         " --quick" if args.quick else "") + (

@@ -257,3 +257,5 @@ def test_a_tuned_rate_reaches_every_run_of_the_task_and_leaves_the_others_writte
     assert harness_tasks.TASKS["digits_mlp"].base_kwargs["lr"] == 0.01  # the written task is not changed
     records = [dict(task="digits_mlp", method="switch", seed=0, val_loss=1.0, val_acc=0.5)]
     assert "'lr': 0.123" in harness.task_table("digits_mlp", records, quick=True, rates=rates)
+    written = {n: t.base_kwargs["lr"] for n, t in harness_tasks.TASKS.items()}
+    assert harness.retuned({**written, "char_lm": 1.0, "stdlib_lstm": 2.0}) == ["char_lm", "stdlib_lstm"]
