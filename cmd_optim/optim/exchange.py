@@ -4,13 +4,22 @@ Neither imports the other (as torch's PostLocalSGD hook and optimizer do not): t
 exchange what the reduced phase needs of a bucket's gradients, all-reduces that, and hands it back; the
 optimizer's phase attaches what it reads at the switch and checks at its next step that it was exchanged.
 
-Two reduced phases use it:
+Three reduced phases use it:
 
 - the mode reduction attaches its mode map (:meth:`ModeExchange.attach`): a bucket sends its contribution to
   the mode gradient (:meth:`ModeExchange.mode_sums`) and the gradients of its free parameters;
 - the packed gradual reduction attaches a *packing* (:meth:`ModeExchange.attach_packing`, any object with
   ``positions_of(param) -> index tensor | None``): a bucket sends the gradients of its parameters' live
-  elements only (:meth:`ModeExchange.pack`), which are written back averaged (:meth:`ModeExchange.unpack`).
+  elements only (:meth:`ModeExchange.pack`), which are written back averaged (:meth:`ModeExchange.unpack`);
+- the low-rank reduction attaches its *subspaces* (:meth:`ModeExchange.attach_subspaces`, any object with
+  ``map`` (a :class:`~cmd_optim.core.SubspaceMap`), ``subspace_of(param) -> index | None``, ``refresh_due``
+  and ``same_rounding()``): a hook reads a projected matrix's core gradient (:meth:`ModeExchange.project`, r x D
+  or D x r), compresses it, and writes back the lifted average (:meth:`ModeExchange.lift`, m x n). On a step
+  where the bases are renewed (:attr:`ModeExchange.refresh_due`) it leaves this rank's own gradient
+  (:meth:`ModeExchange.stash`), from which the phase finds the new bases (the first rank's are taken by
+  all); a core-shaped tensor the hook keeps across steps follows the new bases through
+  :meth:`ModeExchange.rebase`, and is stale once :attr:`ModeExchange.attachments` has grown (a new phase:
+  the switch, or a loaded state). A hook calls :meth:`ModeExchange.exchanged` once a bucket is reduced.
 """
 
 from __future__ import annotations
@@ -27,24 +36,29 @@ __all__ = ["ModeExchange"]
 class ModeExchange:
     """Shared by a CMDOptimizer (``optimizer.mode_exchange``) and a communication hook.
 
-    ``active`` is False during the warm-up and with reductions that train every parameter; a hook then
-    all-reduces gradients as usual. When it is True, per bucket :meth:`mode_sums` gives the (C,) float64
-    contribution of the bucket's mapped parameters, the hook all-reduces it (averaged over the ranks) and
-    calls :meth:`deposit`. Parameters for which :meth:`is_mapped` is False keep their gradients.
+    ``active`` is False during the warm-up; a hook then all-reduces gradients as usual. In the mode phase,
+    per bucket :meth:`mode_sums` gives the (C,) float64 contribution of the bucket's mapped parameters, the
+    hook all-reduces it (averaged over the ranks) and calls :meth:`deposit`. Parameters for which
+    :meth:`is_mapped` is False keep their gradients. :attr:`packed` and :attr:`low_rank` say when the other
+    two phases are live (see the module).
     """
 
     def __init__(self, mapped: Sequence[torch.Tensor]) -> None:
         self._index = {p: i for i, p in enumerate(mapped)}
         self._map: ModeMap | None = None
         self._packing = None
+        self._subspaces = None
         self._pending: dict[int, torch.Tensor | None] = {}
+        self._stash: dict[int, torch.Tensor] = {}
+        self._rotations: dict[int, torch.Tensor] = {}
+        self.attachments = 0  # subspaces attached so far: a hook's core-shaped state from an earlier count is stale
         self.hooked = False
 
     # ------------------------------------------------------------------ the hook's side
     @property
     def active(self) -> bool:
-        """Whether a reduced phase reads less than the whole gradient (a hook then sends less)."""
-        return self._map is not None or self._packing is not None
+        """Whether a reduced phase is live that a hook sends less for than the whole gradient."""
+        return self._map is not None or self._packing is not None or self._subspaces is not None
 
     @property
     def packed(self) -> bool:
@@ -76,7 +90,48 @@ class ModeExchange:
                 flat.zero_()
                 flat.index_copy_(0, positions.to(g.device).long(), piece.to(g.dtype))
             offset += count
+        self.exchanged(key)
+
+    def exchanged(self, key: int) -> None:
+        """Called by a hook once bucket ``key`` is reduced (packed gradual and low-rank phases)."""
         self._pending[key] = None
+
+    @property
+    def low_rank(self) -> bool:
+        """True in the low-rank phase: a hook compresses the projected matrices' core gradients."""
+        return self._subspaces is not None
+
+    def projects(self, param: torch.Tensor) -> bool:
+        """Whether ``param`` is a projected matrix of the low-rank phase (it has a basis P, d x r)."""
+        return self._subspaces is not None and self._subspaces.subspace_of(param) is not None
+
+    def project(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The core gradient of a projected matrix's ``grad``: ``P^T G`` (r, n) or ``G P`` (m, r), float32."""
+        return self._subspaces.map.project(self._subspaces.subspace_of(param), grad)
+
+    def lift(self, param: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """A core-shaped ``low`` as the (m, n) matrix ``P L`` or ``L P^T`` (:meth:`project` recovers it)."""
+        return self._subspaces.map.lift(self._subspaces.subspace_of(param), low)
+
+    def rebase(self, param: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+        """A core-shaped tensor kept across steps (since the last :attr:`attachments`) re-expressed in the
+        current basis: rotated through the refreshes since the last call for ``param``."""
+        index = self._subspaces.subspace_of(param)
+        rotation = self._rotations.pop(index, None)
+        return low if rotation is None else self._subspaces.map.rotate(index, low, rotation, second_moment=False)
+
+    @property
+    def refresh_due(self) -> bool:
+        """Whether the low-rank phase renews its bases at the coming step (from :meth:`stash`-ed gradients)."""
+        return self._subspaces is not None and self._subspaces.refresh_due
+
+    def stash(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        """Leave a copy of this rank's ``grad`` of a projected matrix for the coming refresh."""
+        self._stash[self._subspaces.subspace_of(param)] = grad.detach().clone()
+
+    def same_rounding(self):
+        """A context in which the low-rank phase's products round alike on every rank (its thread count)."""
+        return self._subspaces.same_rounding()
 
     @property
     def num_coefficients(self) -> int:
@@ -114,10 +169,27 @@ class ModeExchange:
         self._packing = packing
         self._pending = {}
 
+    def attach_subspaces(self, subspaces) -> None:
+        """The low-rank phase's subspaces (None: detach); see the module."""
+        self._subspaces = subspaces
+        self._pending, self._stash, self._rotations = {}, {}, {}
+        self.attachments += subspaces is not None
+
+    def take_stash(self) -> dict[int, torch.Tensor]:
+        """The gradients :meth:`stash`-ed since the last call, by subspace index; then forgets them."""
+        stash, self._stash = self._stash, {}
+        return stash
+
+    def rotated(self, rotations: dict[int, torch.Tensor]) -> None:
+        """After a refresh: each changed basis's rotation ``P_new^T P_old`` (r, r), by subspace index."""
+        for index, rotation in rotations.items():
+            earlier = self._rotations.get(index)
+            self._rotations[index] = rotation if earlier is None else rotation @ earlier
+
     def check_exchanged(self) -> None:
-        """In the packed gradual phase, before a step: raise if a hook is registered but did not exchange the last
-        backward's gradients (the ranks would step on different ones); then forget the buckets."""
-        if self.hooked and self._packing is not None and not self._pending:
+        """In the packed gradual and low-rank phases, before a step: raise if a hook is registered but did not
+        exchange the last backward's gradients (the ranks would step on different ones); then forget the buckets."""
+        if self.hooked and (self._packing is not None or self._subspaces is not None) and not self._pending:
             raise RuntimeError(
                 "CMDOptimizer.step() found no gradients exchanged by the DDP hook: the last backward did not "
                 "synchronise (inside ddp.no_sync(), or not through the DDP-wrapped model)")
@@ -140,4 +212,4 @@ class ModeExchange:
         return sums
 
     def clear(self) -> None:
-        self._pending = {}
+        self._pending, self._stash = {}, {}

@@ -381,6 +381,7 @@ class LowRankPhase:
                                   else (False, None))
         self.agree = agree_with_first_rank if replicas else None
         self._group_of = {p: index for index, visible in enumerate(setup.params.groups) for p in visible["params"]}
+        self._subspace = {p: index for index, p in enumerate(self.projected)}
 
     @property
     def core_groups(self) -> list[dict]:
@@ -388,10 +389,19 @@ class LowRankPhase:
         return [inner for inner, (_, is_core) in zip(self.optimizer.param_groups, self._sources) if is_core]
 
     def adopt(self) -> None:
-        pass
+        self.setup.exchange.attach_subspaces(self)
 
     def release(self) -> None:
-        pass
+        self.setup.exchange.attach_subspaces(None)
+
+    def subspace_of(self, param: torch.Tensor) -> int | None:
+        """For a communication hook: the index in ``map`` of a projected matrix (None for the rest)."""
+        return self._subspace.get(param)
+
+    @property
+    def refresh_due(self) -> bool:
+        """Whether the next step renews the bases from its gradients."""
+        return self.window_steps == 0 and self.refreshes > 0
 
     # ------------------------------------------------------------------ stepping
     @contextlib.contextmanager
@@ -412,12 +422,13 @@ class LowRankPhase:
             return self._step(loss, closure)
 
     def _step(self, loss, closure: Callable | None) -> bool:
-        full_grads = [self._gradient(index) for index in range(len(self.projected))]  # once per step
+        self.setup.exchange.check_exchanged()
+        full_grads = [self._gradient(index, p.grad) for index, p in enumerate(self.projected)]  # once per step
         grads = self._low_gradients(full_grads)
         if grads is None:
             return False
-        if self.window_steps == 0 and self.refreshes and any(g is not None for g in grads):
-            grads = self._refresh(full_grads)
+        if self.refresh_due and any(g is not None for g in grads):
+            grads = self._refresh(full_grads, self._local_gradients(full_grads))
         for core, low in zip(self.cores, grads):
             core.grad = low
         self._sync_hyperparameters()
@@ -428,16 +439,23 @@ class LowRankPhase:
             self.refreshes += 1  # the next step renews the bases from its gradient
         return True
 
-    def _gradient(self, index: int) -> torch.Tensor | None:
-        """The gradient the core sees: G, plus ``weight_decay * W`` where the base adds decay to the gradient."""
+    def _gradient(self, index: int, grad: torch.Tensor | None) -> torch.Tensor | None:
+        """The gradient the core sees of the matrix's ``grad`` G: G, plus ``weight_decay * W`` where the base
+        adds decay to the gradient."""
         p = self.projected[index]
-        if p.grad is None:
+        if grad is None:
             return None
         visible = self.setup.params.groups[self._group_of[p]]
         decay = visible.get("weight_decay", 0.0)
         if decay and not _decoupled(visible, self.setup.make_base.optimizer_name):
-            return p.grad + decay * p.detach()
-        return p.grad
+            return grad + decay * p.detach()
+        return grad
+
+    def _local_gradients(self, full_grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """What a refresh finds the bases from: this rank's own gradients where the low-rank hook stashed them
+        (its ``.grad`` is the compressed average), else ``full_grads``."""
+        stash = self.setup.exchange.take_stash()
+        return [self._gradient(index, stash[index]) if index in stash else g for index, g in enumerate(full_grads)]
 
     @torch.no_grad()
     def _low_gradients(self, full_grads: list[torch.Tensor | None]) -> list[torch.Tensor | None] | None:
@@ -448,10 +466,13 @@ class LowRankPhase:
         return grads
 
     @torch.no_grad()
-    def _refresh(self, full_grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
-        """New bases from this step's gradients, the cores' state rotated into them; the new projections."""
-        rotations = self.map.refresh({i: g for i, g in enumerate(full_grads) if g is not None}, self.refreshes,
+    def _refresh(self, full_grads: list[torch.Tensor | None],
+                 local_grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """New bases from this rank's gradients ``local_grads`` (the first rank's are taken under DDP), the
+        cores' state rotated into them (and the exchange told); the new projections of ``full_grads``."""
+        rotations = self.map.refresh({i: g for i, g in enumerate(local_grads) if g is not None}, self.refreshes,
                                      self.agree)
+        self.setup.exchange.rotated(rotations)
         for index, rotation in rotations.items():
             for key, value in self.optimizer.state.get(self.cores[index], {}).items():
                 if key in FIRST_MOMENTS or key in SECOND_MOMENTS:

@@ -9,8 +9,9 @@ from torch import nn
 
 from benchmarks import datasets
 from benchmarks.processes import leave_process_group
-from cmd_optim import CMDOptimizer, Gradual
-from cmd_optim.integrations.ddp import register_cmd_hook
+from cmd_optim import CMDOptimizer, Gradual, LowRank
+from cmd_optim.core import SubspaceMap
+from cmd_optim.integrations.ddp import power_step_reference, register_cmd_hook
 from cmd_optim.optim._dist_checks import check_rank_consistency
 
 STEPS, WARMUP, GLOBAL_BATCH = 50, 30, 64
@@ -29,13 +30,13 @@ def batch(step, data):
     return data[0][index], data[1][index]
 
 
-def join(rank, world, folder, hook, make):
+def join(rank, world, folder, hook, make, bucket_cap_mb=0.004):
     """This rank's process group, the digits, and ``make()``'s model in DDP (with the CMD hook if ``hook``):
-    (data, model, optimizer, ddp, hook state or None)."""
+    (data, model, optimizer, ddp, hook state or None). By default in several buckets."""
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model, optimizer = make()
-    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.004)  # several buckets
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=bucket_cap_mb)
     return datasets.digits(seed=0), model, optimizer, ddp, register_cmd_hook(ddp, optimizer) if hook else None
 
 
@@ -289,3 +290,249 @@ def test_a_step_without_a_synchronised_backward_is_an_error(tmp_path):
         assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------- low-rank hook
+LOW_WARMUP, REFRESH_EVERY = 10, 10
+LOW_STEPS = LOW_WARMUP + 3 * REFRESH_EVERY + 1  # refreshes at reduced steps 10, 20 and 30
+
+
+def lowrank_model_and_optimizer():
+    """A 64-32-32-10 MLP: two projected matrices (ranks 5 and 4), a head trained in full, biases."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = CMDOptimizer(model, base=torch.optim.SGD, switch_after=LOW_WARMUP,
+                             reduction=LowRank(refresh_every=REFRESH_EVERY), lr=0.05, momentum=0.9)
+    return model, optimizer
+
+
+def counted_collectives(sent):
+    """Make every all_reduce and broadcast of this process add its bytes to ``sent[0]``."""
+    def counting(collective):
+        def counted(tensor, *args, **kwargs):
+            sent[0] += tensor.numel() * tensor.element_size()
+            return collective(tensor, *args, **kwargs)
+        return counted
+
+    dist.all_reduce, dist.broadcast = counting(dist.all_reduce), counting(dist.broadcast)
+
+
+def lowrank_worker(rank, world, folder, nan_steps=()):
+    """The low-rank hook on ``world`` ranks: each step's weights, bytes (all collectives, and the hook's), and
+    at each refresh this rank's own gradients and the bases after it. ``nan_steps``: rank 1's loss is NaN."""
+    data, model, optimizer, ddp, state = join(rank, world, folder, True, lowrank_model_and_optimizer)
+    sent = [0]
+    counted_collectives(sent)
+    share = GLOBAL_BATCH // world
+    record = {"weights": [], "sent": [], "hook": [], "refreshes": [], "due": []}
+    for step in range(LOW_STEPS):
+        x, y = batch(step, data)
+        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        phase = optimizer.reduced_phase
+        if phase is not None and phase.refresh_due:
+            record["due"].append(step)
+        refresh = phase is not None and phase.refresh_due and step not in nan_steps
+        if refresh:  # this rank's own gradients, as DDP hands them to the hook
+            local = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), phase.projected)
+            count = phase.refreshes
+        before, hook_before = sent[0], state.bytes_sent
+        loss = nn.functional.cross_entropy(ddp(x), y)
+        if step in nan_steps and rank == 1:
+            loss = loss * float("nan")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        record["sent"].append(sent[0] - before)
+        record["hook"].append(state.bytes_sent - hook_before)
+        record["weights"].append([p.detach().clone() for p in model.parameters()])
+        if refresh:
+            record["refreshes"].append({"step": step, "count": count, "local": [g.clone() for g in local],
+                                        "bases": [b.clone() for b in phase.map.bases]})
+    phase = optimizer.reduced_phase
+    record.update(ranks=[r for r in phase.ranks if r], refreshes_done=phase.refreshes,
+                  skipped=optimizer.skipped_steps, errors=[e.clone() for e in state.errors.values()])
+    torch.save(record, os.path.join(folder, f"rank{rank}.pt"))
+    leave_process_group()
+
+
+def powersgd_worker(rank, world, folder):
+    """torch's PowerSGD hook at rank 1 on the same model and batches: the bytes of each step. One bucket: its
+    per-tensor choices do not depend on the buckets, and its later all-reduces, launched from the callbacks of
+    the first, can interleave with the next bucket's in another order on each rank (gloo then aborts)."""
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as power_sgd
+
+    data, model, _, ddp, _ = join(rank, world, folder, False, lowrank_model_and_optimizer, bucket_cap_mb=25)
+    state = power_sgd.PowerSGDState(process_group=None, matrix_approximation_rank=1,
+                                    start_powerSGD_iter=LOW_WARMUP, random_seed=0)
+    ddp.register_comm_hook(state, power_sgd.powerSGD_hook)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sent = [0]
+    counted_collectives(sent)
+    share = GLOBAL_BATCH // world
+    per_step = []
+    for step in range(LOW_STEPS):
+        x, y = batch(step, data)
+        before, mine = sent[0], slice(rank * share, (rank + 1) * share)
+        nn.functional.cross_entropy(ddp(x[mine]), y[mine]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        per_step.append(sent[0] - before)
+    torch.save(per_step, os.path.join(folder, f"powersgd{rank}.pt"))
+    leave_process_group()
+
+
+def test_the_lowrank_hook_keeps_replicas_identical_and_sends_at_most_powersgd_rank_1s_bytes(tmp_path):
+    mp.spawn(lowrank_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    (tmp_path / "rendezvous").unlink(missing_ok=True)
+    mp.spawn(powersgd_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    powersgd = torch.load(tmp_path / "powersgd0.pt", weights_only=True)
+    assert ranks[0]["refreshes_done"] == 3 and len(ranks[0]["refreshes"]) >= 2
+    for step, (mine, theirs) in enumerate(zip(ranks[0]["weights"], ranks[1]["weights"])):
+        assert all(torch.equal(p, q) for p, q in zip(mine, theirs)), step  # identical after every step
+    # the hook: per matrix r + D numbers (64 + 5, 32 + 4), m + n for the head (10 + 32), the biases whole
+    hook = ranks[0]["hook"][LOW_WARMUP:]
+    assert ranks[0]["ranks"] == [5, 4] and hook == [4 * (69 + 36 + 42 + 74)] * len(hook)
+    # everything sent after the switch, the refreshes' broadcasts of d r numbers included, against PowerSGD
+    after, theirs = ranks[0]["sent"][LOW_WARMUP:], powersgd[LOW_WARMUP:]
+    assert max(hook) <= min(theirs) and sum(after) <= sum(theirs), (after, theirs)
+    assert max(after) > max(hook)  # the refresh steps broadcast the bases
+
+
+def test_a_refresh_under_the_lowrank_hook_takes_the_directions_of_the_first_ranks_own_gradient(tmp_path):
+    mp.spawn(lowrank_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    model, optimizer = lowrank_model_and_optimizer()
+    matrices = [model[0].weight, model[2].weight]
+    shapes, ranks_of = [tuple(p.shape) for p in matrices], ranks[0]["ranks"]
+    for first, second in zip(ranks[0]["refreshes"], ranks[1]["refreshes"]):
+        assert all(torch.equal(a, b) for a, b in zip(first["bases"], second["bases"]))
+        for local, rank in ((first["local"], 0), (second["local"], 1)):
+            found = SubspaceMap(shapes, ranks_of, torch.device("cpu"))
+            found.refresh(dict(enumerate(local)), first["count"])
+            close = [torch.allclose(a, b, atol=1e-5) for a, b in zip(found.bases, first["bases"])]
+            assert all(close) if rank == 0 else not any(close), (rank, first["count"])
+
+
+def test_a_nan_on_one_rank_under_the_lowrank_hook_reaches_no_weights(tmp_path):
+    refresh_step = LOW_WARMUP + REFRESH_EVERY + 1  # would renew the bases (the first refused step delays it)
+    nan_steps = (LOW_WARMUP + 3, refresh_step)
+    mp.spawn(lowrank_worker, args=(2, str(tmp_path), nan_steps), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    model, _ = lowrank_model_and_optimizer()
+    for record in ranks:
+        weights = record["weights"]
+        assert record["skipped"] == 2  # refused on both ranks, and only those steps
+        for step in nan_steps:
+            assert all(torch.equal(p, q) for p, q in zip(weights[step - 1], weights[step]))
+        assert all(bool(torch.isfinite(p).all()) for p in weights[-1])
+        assert all(bool(torch.isfinite(e).all()) for e in record["errors"])
+        assert not any(torch.equal(p, q) for p, q in zip(weights[-2], weights[-1]))  # training goes on
+        assert record["due"][:2] == [refresh_step, refresh_step + 1]  # the refresh refused with its step: next
+        assert record["refreshes"][0]["step"] == refresh_step + 1
+        assert max(record["hook"][LOW_WARMUP:]) < 4 * sum(p.numel() for p in model.parameters()) / 3
+    for mine, theirs in zip(ranks[0]["weights"], ranks[1]["weights"]):
+        assert all(torch.equal(p, q) for p, q in zip(mine, theirs))
+
+
+def lowrank_no_sync_worker(rank, world, folder):
+    data, model, optimizer, ddp, _ = join(rank, world, folder, True, lowrank_model_and_optimizer)
+    for step in range(LOW_WARMUP + 2):
+        x, y = batch(step, data)
+        nn.functional.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    before = [p.detach().clone() for p in model.parameters()]
+    with ddp.no_sync():
+        nn.functional.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
+    try:
+        optimizer.step()
+        outcome = "stepped"
+    except RuntimeError as error:
+        outcome = str(error)
+    unchanged = all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
+    torch.save({"outcome": outcome, "unchanged": unchanged}, os.path.join(folder, f"rank{rank}.pt"))
+    leave_process_group()
+
+
+def test_the_lowrank_phase_refuses_a_step_on_gradients_the_hook_did_not_exchange(tmp_path):
+    mp.spawn(lowrank_no_sync_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert "found no gradients exchanged by the DDP hook" in result["outcome"] and result["unchanged"]
+
+
+def expected_gradient(phase, p, g, error, q):
+    """What the low-rank hook writes into ``p.grad`` on one process, by :func:`power_step_reference`: the lifted
+    rank-1 step of the core gradient (a matrix trained in full: the gradient) plus ``error``, oriented with its
+    long side last; and the error it leaves."""
+    index = phase.subspace_of(p)
+    total = (g if index is None else phase.map.project(index, g)) + error
+    flip = total.shape[0] > total.shape[1]
+    approx, _, (left,) = power_step_reference([total.T if flip else total], q)
+    approx, left = (approx.T, left.T) if flip else (approx, left)
+    return (approx if index is None else phase.map.lift(index, approx)).view_as(g), left
+
+
+def test_the_lowrank_hook_on_one_process_compresses_deterministically_as_its_reference(tmp_path):
+    """World 1: the hook still compresses (as on N ranks, the average being this rank's own gradient): each
+    step's ``.grad`` is the reference's, with the error the steps before left, rotated into the new bases by a
+    refresh (none after a loaded state: a new phase, whose bases may be others); two runs are identical."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        data, runs = datasets.digits(seed=0), []
+        for _ in range(2):
+            model, optimizer = lowrank_model_and_optimizer()
+            ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.004)
+            state = register_cmd_hook(ddp, optimizer)
+            # the first q of each matrix (on its long side) given, not drawn by the hook
+            state.vectors.update({p: nn.functional.normalize(torch.randn(max(p.shape)), dim=0)
+                                  for p in model.parameters() if p.ndim == 2})
+            errors, rotated = {}, 0
+            for step in range(LOW_WARMUP + REFRESH_EVERY + 3):  # a refresh at step 20
+                x, y = batch(step, data)
+                if step == LOW_WARMUP + 5:
+                    optimizer.load_state_dict(optimizer.state_dict())
+                    errors = {}
+                local = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+                vectors = {p: q.clone() for p, q in state.vectors.items()}
+                nn.functional.cross_entropy(ddp(x), y).backward()
+                phase = optimizer.reduced_phase
+                for p, g in zip(model.parameters(), local) if phase is not None else ():
+                    if p.ndim < 2:
+                        assert torch.equal(p.grad, g)  # sent whole
+                        continue
+                    expected, errors[p] = expected_gradient(phase, p, g, errors.get(p, 0), vectors[p])
+                    torch.testing.assert_close(p.grad, expected, atol=1e-6, rtol=1e-5)
+                    assert not torch.allclose(p.grad, g, atol=1e-4)  # compressed
+                old = [b.clone() for b in phase.map.bases] if phase is not None else []
+                optimizer.step()
+                optimizer.zero_grad()
+                for index, (before, after) in enumerate(zip(old, phase.map.bases if phase is not None else [])):
+                    if not torch.equal(before, after):  # refreshed: P_new^T P_old
+                        p = phase.projected[index]
+                        errors[p] = phase.map.rotate(index, errors[p], after.T @ before, second_moment=False)
+                        rotated += 1
+            assert len(errors) == 3 and rotated == 2  # both bases renewed
+            runs.append([p.detach() for p in model.parameters()])
+        assert all(torch.equal(p, q) for p, q in zip(*runs))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_power_step_reference_with_error_feedback_loses_nothing():
+    """A rank-1 matrix comes back whole; over steps, what was sent plus the error left is what came in."""
+    torch.manual_seed(0)
+    u, v = torch.randn(5), torch.randn(9)
+    start = torch.nn.functional.normalize(torch.randn(9), dim=0)
+    approx, q, (error,) = power_step_reference([torch.outer(u, v)], start)
+    torch.testing.assert_close(approx, torch.outer(u, v))
+    assert error.abs().max() < 1e-5 and torch.allclose(q.abs(), (v / v.norm()).abs(), atol=1e-6)
+    ranks = [[torch.randn(5, 9) for _ in range(4)] for _ in range(2)]
+    errors, sent = [torch.zeros(5, 9)] * 2, torch.zeros(5, 9)
+    q = torch.nn.functional.normalize(torch.randn(9), dim=0)
+    for step in range(4):
+        approx, q, errors = power_step_reference([ranks[k][step] + errors[k] for k in range(2)], q)
+        sent += approx
+    mean = sum(sum(steps) for steps in ranks) / 2
+    torch.testing.assert_close(sent + sum(errors) / 2, mean)

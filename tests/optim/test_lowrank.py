@@ -117,6 +117,43 @@ def test_a_refresh_takes_the_top_directions_of_its_step_gradient_and_rotates_the
                                0.9 * rotated + low, rtol=1e-4, atol=1e-6)  # rotated, then one step further
 
 
+def test_the_exchange_shows_a_hook_the_subspaces_and_rebases_its_state_through_a_refresh(digits):
+    """What a communication hook reads of the low-rank phase (cmd_optim.optim.exchange): the projection and
+    lift of each projected matrix, when a refresh is due, this rank's stashed gradient as its source, and a
+    core-shaped tensor rotated into the new basis once; a loaded state is a new attachment."""
+    model = mlp(hidden=64)
+    optimizer = _cmd(model, reduction=LowRank(refresh_every=5))
+    exchange = optimizer.exchange
+    train(model, optimizer, digits, 34)
+    phase = optimizer.reduced_phase
+    assert exchange.low_rank and exchange.attachments == 1 and not exchange.refresh_due
+    assert [exchange.projects(p) for p in model.parameters()] == [phase.subspace_of(p) is not None
+                                                                  for p in model.parameters()]
+    index, p = 1, phase.projected[1]
+    kept = torch.randn(phase.map.core_shape(index))
+    torch.testing.assert_close(exchange.project(p, exchange.lift(p, kept)), kept)
+    assert torch.equal(exchange.rebase(p, kept), kept)  # no refresh yet
+    train(model, optimizer, digits, 35, start=34)
+    assert exchange.refresh_due
+    old = exchange.lift(p, kept)
+    x, y = digits[0][:64], digits[1][:64]
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    rank = phase.map.bases[index].shape[1]  # what a hook would stash: this rank's gradient, not the .grad
+    own = torch.randn(p.shape[0], rank) @ torch.randn(rank, p.shape[1]) + 1e-3 * torch.randn_like(p)
+    exchange.stash(p, own)
+    optimizer.step()
+    new = phase.map.bases[index]
+    expected = torch.linalg.svd(own.double() if p.shape[0] <= p.shape[1] else own.double().T).U[:, :rank]
+    torch.testing.assert_close(torch.linalg.svdvals(new.double().T @ expected), torch.ones(rank, dtype=torch.double),
+                               atol=1e-3, rtol=0)  # the stashed gradient's directions
+    rebased = exchange.rebase(p, kept)
+    torch.testing.assert_close(exchange.lift(p, rebased), exchange.lift(p, exchange.project(p, old)))
+    assert torch.equal(exchange.rebase(p, rebased), rebased)  # rotated once
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert exchange.attachments == 2 and exchange.low_rank
+
+
 def test_decoupled_weight_decay_shrinks_the_weights_as_adamw_does(digits):
     model = mlp(hidden=64)
     optimizer = _cmd(model, base=torch.optim.AdamW, lr=1e-2, weight_decay=0.5, betas=(0.0, 0.999))
