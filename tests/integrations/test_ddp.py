@@ -248,6 +248,20 @@ def test_trainer_on_two_processes_trains_and_resumes(tmp_path):
     assert all(torch.equal(p, q) for p, q in zip(runs["whole"][0]["params"], runs["resumed"][0]["params"]))
 
 
+def test_trainer_with_the_default_reduction_compresses_under_the_hook(tmp_path):
+    """CMDCallback.install registers the hook on the Trainer's own DDP wrapper: after the switch it sends the
+    low-rank hook's numbers, through refreshes, and the ranks stay identical (under the Trainer's clipping)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("vaderSentiment")
+    _torchrun(os.path.join(os.path.dirname(__file__), "ddp_trainer_run.py"), str(tmp_path), "lowrank")
+    ranks = [torch.load(tmp_path / f"final-rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["phase"] for r in ranks] == ["reduced", "reduced"] and ranks[0]["refreshes"] == 4
+    assert all(torch.equal(p, q) for p, q in zip(ranks[0]["params"], ranks[1]["params"]))
+    sent = ranks[0]["sent"]
+    assert sent[:20] == [4 * ranks[0]["num_params"]] * 20
+    assert sent[20:] == [4 * ranks[0]["numbers"]] * 20 and sent[-1] < sent[0] / 10
+
+
 def test_sharding_other_than_fsdp2_rows_is_refused(tmp_path):
     """FSDP2's row shards are supported (tests/integrations/test_fsdp.py); a replicated or column-sharded
     DTensor, and a mix of sharded and unsharded tracked parameters, are refused with the reason."""
