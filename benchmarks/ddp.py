@@ -96,7 +96,8 @@ ACCURACY_TASKS = {
     "mnist1d": dict(name="MNIST-1D CNN", load=lambda: datasets.mnist1d(num_samples=4000, seed=42), model=_cnn,
                     steps=800, switch=400, snapshot_every=20, batch=128),
 }
-ACCURACY_METHODS = ("DDP", "PowerSGD rank 1", "PowerSGD rank 4", "CMD hook (modes)", "CMD hook (gradual)")
+ACCURACY_METHODS = ("DDP", "PowerSGD rank 1", "PowerSGD rank 4", "CMD (lowrank), DDP all-reduce", "CMD hook (lowrank)",
+                    "CMD hook (modes)", "CMD hook (gradual)")
 CURVE_METHODS = ("DDP", "PowerSGD rank 1", "PowerSGD rank 4", "CMD hook (gradual)")
 CURVE_POINTS = 20  # test accuracy and optimizer state this many times over a run
 
@@ -110,25 +111,31 @@ def _accuracy_worker(rank, world, folder, task_key, method, seed):
     dist.init_process_group("gloo", init_method=f"file://{folder}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
     sent = [0]
-    all_reduce = dist.all_reduce
 
-    def counting_all_reduce(tensor, *args, **kwargs):  # every method's hook goes through this
-        sent[0] += tensor.numel() * tensor.element_size()
-        return all_reduce(tensor, *args, **kwargs)
+    def counting(collective):  # every method's hook goes through all_reduce; the low-rank refreshes broadcast
+        def counted(tensor, *args, **kwargs):
+            sent[0] += tensor.numel() * tensor.element_size()
+            return collective(tensor, *args, **kwargs)
+        return counted
 
-    dist.all_reduce = counting_all_reduce
+    dist.all_reduce, dist.broadcast = counting(dist.all_reduce), counting(dist.broadcast)
     task = ACCURACY_TASKS[task_key]
     data = task["load"]()
     torch.manual_seed(seed)
     model = task["model"]()
     ddp = nn.parallel.DistributedDataParallel(model)
     sgd = dict(lr=0.05, momentum=0.9)
-    if method.startswith("CMD hook"):  # "(modes)": the mode reduction; "(gradual)": embedded CMD, its defaults
-        reduction = method.split("(")[1].rstrip(")")
+    if method.startswith("CMD"):  # "(lowrank)": the default reduction; "(modes)"; "(gradual)": embedded CMD, its defaults
+        reduction = method.split("(")[1].split(")")[0]
         extra = dict(modes=10) if reduction == "modes" else {}
-        optimizer = CMDOptimizer(model, base=torch.optim.SGD, switch_after=task["switch"],
-                                 snapshot_every=task["snapshot_every"], seed=seed, reduction=reduction, **extra, **sgd)
-        register_cmd_hook(ddp, optimizer)
+        if reduction != "lowrank":
+            extra["snapshot_every"] = task["snapshot_every"]
+        optimizer = CMDOptimizer(model, base=torch.optim.SGD, switch_after=task["switch"], seed=seed,
+                                 reduction=reduction, **extra, **sgd)
+        if "hook" in method:
+            register_cmd_hook(ddp, optimizer)
+        else:
+            ddp.register_comm_hook(None, default_hooks.allreduce_hook)
     else:
         optimizer = torch.optim.SGD(model.parameters(), **sgd)
         if method.startswith("PowerSGD"):
@@ -210,9 +217,14 @@ def _accuracy_section(records, tasks, seeds, image: str | None) -> str:
     return f"""## Data-parallel accuracy against bytes sent: DDP, PowerSGD and the CMD hook
 
 2 gloo processes, the global batch split between them, SGD 0.05 with momentum 0.9, equal steps, {seeds} seeds.
-PowerSGD (torch's `powerSGD_hook`, error feedback and warm start) and the CMD hook send full gradients for
+PowerSGD (torch's `powerSGD_hook`, error feedback and warm start) and the CMD hooks send full gradients for
 the first half of the steps (PowerSGD's `start_powerSGD_iter` is CMD's switch) and compress after it.
-Bytes: what one rank hands to all-reduce per step, counted at `torch.distributed.all_reduce`.
+"CMD (lowrank), DDP all-reduce" is `CMDOptimizer`'s default reduction under DDP's own all-reduce; "CMD hook
+(lowrank)" is the same optimizer with `register_cmd_hook`: a rank-1 power step with error feedback on each
+projected matrix's core gradient (r + D numbers) and on each matrix trained in full (m + n), vectors whole.
+Bytes: what one rank hands to all-reduce and broadcast per step, counted at `torch.distributed.all_reduce` and
+`torch.distributed.broadcast` (the low-rank refreshes broadcast the first rank's bases, d r numbers per
+projected matrix every 100 steps; the MNIST-1D CNN has no projected matrix: all its sides are at most 16).
 
 Machine: {machine()}.
 Command: `python -m benchmarks.ddp --accuracy --tasks {' '.join(tasks)} --seeds {seeds}`
