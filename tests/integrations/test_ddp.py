@@ -164,9 +164,10 @@ def test_embedded_cmd_on_two_ranks_sends_only_live_gradients_and_matches_one_pro
         assert sent[-1] < sent[0] / 4
 
 
-def gradual_no_sync_worker(rank, world, folder):
-    data, model, optimizer, ddp, _ = join(rank, world, folder, True, gradual_model_and_optimizer)
-    for step in range(WARMUP + 12):
+def step_after_no_sync(rank, world, data, model, optimizer, ddp, steps) -> dict:
+    """``steps`` synchronised steps, then a backward inside ``ddp.no_sync()`` and a step: what the step did
+    ("stepped" or its error) and whether the weights stayed as they were."""
+    for step in range(steps):
         x, y = batch(step, data)
         nn.functional.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
         optimizer.step()
@@ -179,9 +180,13 @@ def gradual_no_sync_worker(rank, world, folder):
         outcome = "stepped"
     except RuntimeError as error:
         outcome = str(error)
-    unchanged = all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
-    torch.save({"outcome": outcome, "unchanged": unchanged, "embedded": optimizer.embedding.num_embedded},
-               os.path.join(folder, f"rank{rank}.pt"))
+    return {"outcome": outcome, "unchanged": all(torch.equal(p, q) for p, q in zip(before, model.parameters()))}
+
+
+def gradual_no_sync_worker(rank, world, folder):
+    data, model, optimizer, ddp, _ = join(rank, world, folder, True, gradual_model_and_optimizer)
+    record = step_after_no_sync(rank, world, data, model, optimizer, ddp, WARMUP + 12)
+    torch.save({**record, "embedded": optimizer.embedding.num_embedded}, os.path.join(folder, f"rank{rank}.pt"))
     leave_process_group()
 
 
@@ -451,21 +456,8 @@ def test_a_nan_on_one_rank_under_the_lowrank_hook_reaches_no_weights(tmp_path):
 
 def lowrank_no_sync_worker(rank, world, folder):
     data, model, optimizer, ddp, _ = join(rank, world, folder, True, lowrank_model_and_optimizer)
-    for step in range(LOW_WARMUP + 2):
-        x, y = batch(step, data)
-        nn.functional.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    before = [p.detach().clone() for p in model.parameters()]
-    with ddp.no_sync():
-        nn.functional.cross_entropy(ddp(x[rank::world]), y[rank::world]).backward()
-    try:
-        optimizer.step()
-        outcome = "stepped"
-    except RuntimeError as error:
-        outcome = str(error)
-    unchanged = all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
-    torch.save({"outcome": outcome, "unchanged": unchanged}, os.path.join(folder, f"rank{rank}.pt"))
+    record = step_after_no_sync(rank, world, data, model, optimizer, ddp, LOW_WARMUP + 2)
+    torch.save(record, os.path.join(folder, f"rank{rank}.pt"))
     leave_process_group()
 
 
