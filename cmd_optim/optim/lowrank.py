@@ -151,6 +151,7 @@ class LowRank(Reduction):
     allocate: str = "share"
 
     name: ClassVar[str] = "lowrank"
+    communication_hook: ClassVar[bool] = True
     shortcuts: ClassVar[tuple[str, ...]] = ("seed",)
     state_keys: ClassVar[tuple[str, ...]] = ("ranks", "bases", "window_steps", "refreshes")
 
