@@ -122,8 +122,31 @@ class Sharding:
         return t.to_local() if t is not None and is_sharded(t) else t
 
     def all_reduce(self, tensors) -> None:
-        for t in tensors:
-            dist.all_reduce(t, group=self.group)
+        """Add each of ``tensors`` over the ranks, in place: one collective for all of them (float32 or float64,
+        packed by dtype)."""
+        tensors = [t for t in tensors if t.numel()]
+        for dtype in dict.fromkeys(t.dtype for t in tensors):
+            same = [t for t in tensors if t.dtype == dtype]
+            if len(same) == 1:
+                dist.all_reduce(same[0], group=self.group)
+                continue
+            flat = torch.cat([t.reshape(-1) for t in same])
+            dist.all_reduce(flat, group=self.group)
+            offset = 0
+            for t in same:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+    def rows(self, index: int) -> tuple[int, int]:
+        """The rows ``start, stop`` of tracked parameter ``index`` that this rank holds."""
+        start, stop = self.spans[index]
+        row = self.params[index].numel() // max(self.params[index].shape[0], 1)
+        return (start // row, stop // row) if row else (0, 0)
+
+    def gather(self, local: torch.Tensor, index: int) -> torch.Tensor:
+        """The whole of a tensor of which ``local`` is this rank's rows (shaped like tracked parameter
+        ``index``'s shard): an all-gather."""
+        return self.global_view(local.contiguous(), index).full_tensor()
 
     def agree(self, flag: bool) -> bool:
         """True only if ``flag`` is True on every rank."""
