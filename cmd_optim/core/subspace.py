@@ -64,15 +64,18 @@ def lift_reference(basis: torch.Tensor, left: bool, low: torch.Tensor) -> torch.
 LINE_SCALE_CAP = 2.0
 
 
-def residual_scale(step: torch.Tensor, low_grad: torch.Tensor, left: bool) -> torch.Tensor:
+def residual_scale(step: torch.Tensor, low_grad: torch.Tensor, left: bool,
+                   whole: torch.Tensor | None = None) -> torch.Tensor:
     """Per line of the long side, ``||step line|| / ||gradient line||``, capped at ``LINE_SCALE_CAP`` times the
     matrix's ``||step|| / ||gradient||`` (0 where the gradient is 0): (1, n) for a left core (its columns),
-    (m, 1) for a right one (its rows)."""
+    (m, 1) for a right one (its rows). ``whole``: that matrix ratio, given (a block of a right core's rows
+    holds only its own part of the norms)."""
     dim = 0 if left else 1
     tiny = torch.finfo(torch.float32).tiny
     step_norm = torch.linalg.vector_norm(step, dim=dim, keepdim=True)
     grad_norm = torch.linalg.vector_norm(low_grad, dim=dim, keepdim=True)
-    whole = torch.linalg.vector_norm(step) / torch.linalg.vector_norm(low_grad).clamp_min(tiny)
+    if whole is None:
+        whole = torch.linalg.vector_norm(step) / torch.linalg.vector_norm(low_grad).clamp_min(tiny)
     if LINE_SCALE_CAP == 0:  # (research switch: one scale for the whole matrix)
         return torch.where(grad_norm > 0, whole, 0.0).expand_as(grad_norm)
     line = step_norm / grad_norm.clamp_min(tiny)
@@ -80,23 +83,24 @@ def residual_scale(step: torch.Tensor, low_grad: torch.Tensor, left: bool) -> to
 
 
 def apply_step_reference(weight: torch.Tensor, basis: torch.Tensor, left: bool, step: torch.Tensor,
-                         grad: torch.Tensor | None = None, low_grad: torch.Tensor | None = None) -> None:
+                         grad: torch.Tensor | None = None, low_grad: torch.Tensor | None = None,
+                         whole: torch.Tensor | None = None) -> None:
     """``W += lift(step)``, and with ``grad``: ``- scale * (G - lift(low_grad))``, ``scale`` from
     :func:`residual_scale` (the part of the gradient outside the subspace, stepped as the base stepped inside)."""
     move = lift_reference(basis, left, step)
     if grad is not None:
-        scale = residual_scale(step, low_grad, left)
+        scale = residual_scale(step, low_grad, left, whole)
         move = move - scale * (grad.float() - lift_reference(basis, left, low_grad))
     weight.add_(move.view(weight.shape).to(weight.dtype))
 
 
 def _apply_step_fused(weight: torch.Tensor, basis: torch.Tensor, left: bool, step: torch.Tensor,
-                      grad: torch.Tensor | None, low_grad: torch.Tensor | None) -> None:
+                      grad: torch.Tensor | None, low_grad: torch.Tensor | None, whole: torch.Tensor | None) -> None:
     """The same move as the reference, as ``W -= scale * G`` then ``W += lift(step + scale * low_grad)``: one
     GEMM, written into W itself when it is a contiguous float32 matrix."""
     core = step
     if grad is not None:
-        scale = residual_scale(step, low_grad, left)
+        scale = residual_scale(step, low_grad, left, whole)
         core = torch.addcmul(step, scale, low_grad)
     target = weight.view(weight.shape[0], -1)
     if weight.dtype != torch.float32 or not weight.is_contiguous():
@@ -114,12 +118,13 @@ def _apply_step_fused(weight: torch.Tensor, basis: torch.Tensor, left: bool, ste
 
 
 def apply_step(weight: torch.Tensor, basis: torch.Tensor, left: bool, step: torch.Tensor,
-               grad: torch.Tensor | None = None, low_grad: torch.Tensor | None = None, kernel: str = "auto") -> None:
+               grad: torch.Tensor | None = None, low_grad: torch.Tensor | None = None, kernel: str = "auto",
+               whole: torch.Tensor | None = None) -> None:
     """Dispatch :func:`apply_step_reference` or its fused twin (``kernel``: one of :data:`KERNELS`)."""
     if kernel == "reference":
-        apply_step_reference(weight, basis, left, step, grad, low_grad)
+        apply_step_reference(weight, basis, left, step, grad, low_grad, whole)
     else:
-        _apply_step_fused(weight, basis, left, step, grad, low_grad)
+        _apply_step_fused(weight, basis, left, step, grad, low_grad, whole)
 
 
 def top_directions(source: torch.Tensor, rank: int, left: bool, seed: int) -> torch.Tensor | None:
@@ -158,6 +163,11 @@ class SubspaceMap:
 
     ``bases`` are given (restored state) or start as None until :meth:`refresh` finds them; ``seed`` makes
     every refresh's random test matrix a function of (seed, refresh count, matrix index).
+
+    Row blocks (a row-sharded matrix, e.g. FSDP2's ``Shard(0)``): :meth:`project`, :meth:`apply` and
+    :meth:`carry` take ``rows=(start, stop)`` and the block's rows of the gradient and the weight. A right
+    core's block is the same rows of the core; a left core is whole on every block, and :meth:`project` and
+    :meth:`carry` then give this block's share of it (the sum over the blocks is the whole projection).
     """
 
     def __init__(self, shapes: Sequence[tuple[int, int]], ranks: Sequence[int], device: torch.device,
@@ -186,20 +196,35 @@ class SubspaceMap:
     def core_shape(self, index: int) -> tuple[int, int]:
         return self.entries[index].core_shape
 
-    def project(self, index: int, grad: torch.Tensor) -> torch.Tensor:
+    def is_left(self, index: int) -> bool:
+        """Whether matrix ``index`` is projected on its rows' side (m <= n; its core is (r, n))."""
+        return self.entries[index].left
+
+    def _block(self, index: int, rows: tuple[int, int] | None) -> tuple[_Basis, torch.Tensor, tuple[int, int]]:
+        """The entry, the basis rows a block of rows ``rows`` meets, and the block's (rows, n) shape."""
         e = self.entries[index]
-        return project_reference(e.basis, e.left, grad.reshape(e.shape))
+        if rows is None:
+            return e, e.basis, e.shape
+        start, stop = rows
+        return e, e.basis[start:stop] if e.left else e.basis, (stop - start, e.shape[1])
+
+    def project(self, index: int, grad: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        e, basis, shape = self._block(index, rows)
+        return project_reference(basis, e.left, grad.reshape(shape))
 
     def lift(self, index: int, low: torch.Tensor) -> torch.Tensor:
         e = self.entries[index]
         return lift_reference(e.basis, e.left, low)
 
     def apply(self, index: int, weight: torch.Tensor, step: torch.Tensor, grad: torch.Tensor | None = None,
-              low_grad: torch.Tensor | None = None) -> None:
-        """Move ``weight`` by the lifted ``step`` (and the scaled residual of ``grad``, see the module)."""
-        e = self.entries[index]
-        apply_step(weight, e.basis, e.left, step, None if grad is None else grad.reshape(e.shape), low_grad,
-                   self.kernel)
+              low_grad: torch.Tensor | None = None, rows: tuple[int, int] | None = None,
+              whole: torch.Tensor | None = None) -> None:
+        """Move ``weight`` by the lifted ``step`` (and the scaled residual of ``grad``, see the module); with
+        ``rows``, a block of them (``whole``: the matrix's step-to-gradient norm ratio, see
+        :func:`residual_scale`)."""
+        e, basis, shape = self._block(index, rows)
+        apply_step(weight, basis, e.left, step, None if grad is None else grad.reshape(shape), low_grad,
+                   self.kernel, whole)
 
     def refresh(self, sources: dict[int, torch.Tensor], count: int,
                 agree: Callable[[list[torch.Tensor]], None] | None = None) -> dict[int, torch.Tensor]:
@@ -226,12 +251,13 @@ class SubspaceMap:
     def rotate(self, index: int, value: torch.Tensor, rotation: torch.Tensor, second_moment: bool) -> torch.Tensor:
         return rotate_state(value, rotation, self.entries[index].left, second_moment)
 
-    def carry(self, index: int, value: torch.Tensor, second_moment: bool) -> torch.Tensor:
-        """A full (m, n) optimizer state tensor expressed in the core: projected (first moments) or through
-        the squared basis (second moments)."""
-        e = self.entries[index]
-        basis = e.basis * e.basis if second_moment else e.basis
-        return project_reference(basis, e.left, value.reshape(e.shape))
+    def carry(self, index: int, value: torch.Tensor, second_moment: bool,
+              rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """A full (m, n) optimizer state tensor (or a block of its ``rows``) expressed in the core: projected
+        (first moments) or through the squared basis (second moments)."""
+        e, basis, shape = self._block(index, rows)
+        basis = basis * basis if second_moment else basis
+        return project_reference(basis, e.left, value.reshape(shape))
 
 
 def _identity_columns(d: int, r: int, device) -> torch.Tensor:

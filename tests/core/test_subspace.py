@@ -42,6 +42,36 @@ def test_the_fused_step_is_the_reference_step(shape, residual):
         torch.testing.assert_close(inside, moved, atol=1e-6, rtol=1e-5)  # a move inside span(P)
 
 
+@pytest.mark.parametrize("shape", [(9, 20), (20, 9)])
+def test_row_blocks_give_the_whole_matrix_projection_carry_and_step(shape):
+    """A matrix split by rows (FSDP2's shards, uneven): the blocks' left projections and carries sum to the
+    whole one, a right projection's blocks are its rows, and each block's step (given the whole core's norm
+    ratio) is the whole step's rows."""
+    m, n = shape
+    gen = torch.Generator().manual_seed(5)
+    subspaces = SubspaceMap([shape], [3], torch.device("cpu"), bases=[_orthonormal(min(m, n), 3, 6)])
+    left = subspaces.is_left(0)
+    grad, moment, weight = (torch.randn(m, n, generator=gen) for _ in range(3))
+    blocks = [(0, 5), (5, m)]
+    low = subspaces.project(0, grad)
+    parts = [subspaces.project(0, grad[a:b], rows=(a, b)) for a, b in blocks]
+    carried = [subspaces.carry(0, moment[a:b], True, rows=(a, b)) for a, b in blocks]
+    if left:
+        torch.testing.assert_close(sum(parts), low, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sum(carried), subspaces.carry(0, moment, True), rtol=1e-5, atol=1e-6)
+    else:
+        torch.testing.assert_close(torch.cat(parts), low)
+    step = -0.1 * torch.sign(low) * torch.rand(low.shape, generator=gen)
+    whole = torch.linalg.vector_norm(step) / torch.linalg.vector_norm(low)
+    expected = weight.clone()
+    subspaces.apply(0, expected, step, grad, low)
+    for a, b in blocks:
+        block = weight[a:b].clone()
+        subspaces.apply(0, block, step if left else step[a:b], grad[a:b], low if left else low[a:b], rows=(a, b),
+                        whole=None if left else whole)
+        torch.testing.assert_close(block, expected[a:b], rtol=1e-5, atol=1e-6)
+
+
 def test_the_residual_scale_reproduces_a_plain_sgd_step():
     """With step = -lr * projected gradient, the move is exactly -lr * G: nothing of the gradient is lost."""
     gen = torch.Generator().manual_seed(3)
