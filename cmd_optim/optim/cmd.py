@@ -77,7 +77,7 @@ class CMDOptimizer(torch.optim.Optimizer):
     keeps its state only inside a refreshed low-rank subspace of each weight matrix; it keeps learning), or
     the paper's :class:`~cmd_optim.optim.modes.Modes` when ``modes=`` is passed (only the mode coefficients
     train: ``CMDOptimizer(model, base=torch.optim.SGD, modes=10, lr=0.05)`` trains at most 10 numbers per
-    parameter group after the switch) or where the low-rank reduction cannot run (LBFGS, FSDP2 shards).
+    parameter group after the switch) or where the low-rank reduction cannot run (LBFGS).
 
     Args:
         model: an ``nn.Module``, or an iterable of parameters, of ``(name, parameter)`` pairs, or of

@@ -17,15 +17,21 @@ momentum: 4). The warm-up is plain training; it records nothing for this reducti
 Requirements: the base's step must not depend on the parameter's value apart from weight decay (true for
 torch.optim's SGD, Adam, AdamW, RMSprop, Adagrad, ...): the cores sit at zero and weight decay is applied
 to W itself, decoupled or added to the gradient as the base does it.
+
+Under FSDP2 (row shards) each rank steps its rows: a right core (m x r) is sharded by the same rows (a
+DTensor, stepped where it lies); a left core (r x n) is whole on every rank, its projection the sum of the
+ranks' shares (one all-reduce of the left cores per step). The residual's cap needs two norms per right
+matrix (one all-reduce for all), and a refresh all-gathers one matrix's gradient at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import heapq
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import ClassVar
 
 import torch
@@ -35,9 +41,10 @@ from ..core import SubspaceMap
 from ..core._checks import check_int, check_real
 from ..core.subspace import KERNELS
 from ._dist_checks import agree_with_first_rank, replica_threads, world_size
-from ._params import all_finite, hyperparameters, tensor_bytes
+from ._params import hyperparameters, tensor_bytes
 from .phase import Setup, guarded_step
 from .reduction import Reduction, register
+from .sharding import is_sharded
 from .warmup import WarmupPhase, WarmupRecorder, load_base_state
 
 __all__ = ["LowRank", "LowRankPhase", "MatrixPlan", "plan_matrices", "spread_by_spectrum"]
@@ -151,6 +158,7 @@ class LowRank(Reduction):
     allocate: str = "share"
 
     name: ClassVar[str] = "lowrank"
+    supports_sharding: ClassVar[bool] = True
     communication_hook: ClassVar[bool] = True
     shortcuts: ClassVar[tuple[str, ...]] = ("seed",)
     state_keys: ClassVar[tuple[str, ...]] = ("ranks", "bases", "window_steps", "refreshes")
@@ -187,7 +195,7 @@ class LowRank(Reduction):
         spectra = []
         for p, plan in zip(matrices, plans):
             source = _direction_source(p, base_state, gradients)
-            spectra.append(torch.linalg.svdvals(source.detach().float().reshape(_matrix_shape(p)))
+            spectra.append(torch.linalg.svdvals(_whole_tensor(source).detach().float().reshape(_matrix_shape(p)))
                            if plan.projected and source is not None else None)
         return spread_by_spectrum(plans, spectra)
 
@@ -218,9 +226,9 @@ class LowRank(Reduction):
         matrices = phase.projected
         sources = {index: source for index, p in enumerate(matrices)
                    if (source := _direction_source(p, base_state, gradients)) is not None}
-        phase.map.refresh(sources, count=0, agree=phase.agree)
+        phase.map.refresh(_Whole(phase, sources), count=0, agree=phase.agree)
         for index, (p, core) in enumerate(zip(matrices, phase.cores)):
-            carried = _carry(phase.map, index, base_state.get(p, {}))
+            carried = phase.carried(index, base_state.get(p, {}))
             if carried:
                 phase.optimizer.state[core] = carried
         for p in phase.full:  # parameters trained in full carry their whole state over
@@ -317,18 +325,26 @@ def _matrix_shape(p: torch.Tensor) -> tuple[int, int]:
     return p.shape[0], p.numel() // p.shape[0]
 
 
-def _carry(subspaces: SubspaceMap, index: int, state: dict) -> dict:
-    """The base's state of a matrix expressed in its core (empty if it holds an entry of an unknown kind:
-    that state then restarts)."""
-    carried = {}
-    for key, value in state.items():
-        if key in FIRST_MOMENTS or key in SECOND_MOMENTS:
-            carried[key] = subspaces.carry(index, value, second_moment=key in SECOND_MOMENTS)
-        elif isinstance(value, torch.Tensor) and value.numel() <= 1:
-            carried[key] = value.clone()  # step counts and other scalars
-        else:
-            return {}
-    return carried
+def _whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (an all-gather); other tensors as they are."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+class _Whole(Mapping):
+    """Matrix index -> its whole (m, n) value, from this rank's part of it, gathered only when read: a refresh
+    holds one whole matrix at a time (every rank reads the same indices in the same order)."""
+
+    def __init__(self, phase: LowRankPhase, parts: dict[int, torch.Tensor]) -> None:
+        self.phase, self.parts = phase, parts
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.phase.whole(index, self.parts[index])
+
+    def __iter__(self):
+        return iter(self.parts)
+
+    def __len__(self) -> int:
+        return len(self.parts)
 
 
 def _decoupled(group: dict, base_name: str) -> bool:
@@ -359,7 +375,15 @@ class LowRankPhase:
         device = matrices[0].device if matrices else torch.device("cpu")
         self.map = SubspaceMap([_matrix_shape(p) for p in self.projected], [r for r in self.ranks if r], device,
                                bases=bases, seed=settings.seed, kernel=settings.kernel)
-        self.cores = [nn.Parameter(torch.zeros(self.map.core_shape(i), device=p.device))
+        # under FSDP2: each projected matrix's index among the sharded parameters and the rows this rank holds
+        self.sharding = setup.sharding
+        if self.sharding is None:
+            self._shard_index, self._rows = [None] * len(self.projected), [None] * len(self.projected)
+        else:
+            position = {p: index for index, p in enumerate(self.sharding.params)}
+            self._shard_index = [position[p] for p in self.projected]
+            self._rows = [self.sharding.rows(index) for index in self._shard_index]
+        self.cores = [nn.Parameter(self.as_core(i, torch.zeros(self._local_core_shape(i), device=p.device)))
                       for i, p in enumerate(self.projected)]
         self.window_steps = 0
         self.refreshes = 0
@@ -378,9 +402,11 @@ class LowRankPhase:
         self.optimizer = setup.make_base(groups)
         # DDP replicas stay bit-identical, as plain DDP's do, though ranks run other thread counts: every
         # refresh takes the first rank's bases (LAPACK), and the phase runs at the ranks' fewest threads (BLAS).
-        replicas, self.threads = (replica_threads([p.numel() for p in self.projected]) if world_size() > 1
-                                  else (False, None))
-        self.agree = agree_with_first_rank if replicas else None
+        # Under FSDP2 the whole left cores and the bases must agree in the same way.
+        group = None if self.sharding is None else self.sharding.group
+        replicas, self.threads = (replica_threads([p.numel() for p in self.projected], group)
+                                  if world_size(group) > 1 else (False, None))
+        self.agree = functools.partial(agree_with_first_rank, group=group) if replicas else None
         self._group_of = {p: index for index, visible in enumerate(setup.params.groups) for p in visible["params"]}
         self._subspace = {p: index for index, p in enumerate(self.projected)}
 
@@ -403,6 +429,47 @@ class LowRankPhase:
     def refresh_due(self) -> bool:
         """Whether the next step renews the bases from its gradients."""
         return self.window_steps == 0 and self.refreshes > 0
+
+    # ------------------------------------------------------------------ row shards (FSDP2)
+    def _split(self, index: int) -> bool:
+        """Whether matrix ``index``'s core is split by rows across the ranks (a right core of a sharded matrix)."""
+        return self._rows[index] is not None and not self.map.is_left(index)
+
+    def _shared(self, index: int) -> bool:
+        """Whether matrix ``index``'s core is whole on every rank and its projection a sum over the ranks."""
+        return self._rows[index] is not None and self.map.is_left(index)
+
+    def _local_core_shape(self, index: int) -> tuple[int, int]:
+        if not self._split(index):
+            return self.map.core_shape(index)
+        start, stop = self._rows[index]
+        return stop - start, self.map.core_shape(index)[1]
+
+    def as_core(self, index: int, local: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a core-shaped tensor as the core holds it: a DTensor over the ranks' rows where
+        the core is split, else itself."""
+        return self.sharding.global_view(local, self._shard_index[index]) if self._split(index) else local
+
+    def whole(self, index: int, t: torch.Tensor) -> torch.Tensor:
+        """The whole (m, n) of matrix ``index`` from a DTensor or from this rank's rows of it (all-gathered)."""
+        if is_sharded(t):
+            return t.full_tensor()
+        return t if self._rows[index] is None else self.sharding.gather(t, self._shard_index[index])
+
+    def carried(self, index: int, state: dict) -> dict:
+        """The base's state of a matrix expressed in its core (empty if it holds an entry of an unknown kind:
+        that state then restarts)."""
+        carried, moments = {}, {}
+        for key, value in state.items():
+            if key in FIRST_MOMENTS or key in SECOND_MOMENTS:
+                moments[key] = self.map.carry(index, self.setup.local(value), key in SECOND_MOMENTS, self._rows[index])
+            elif isinstance(value, torch.Tensor) and value.numel() <= 1:
+                carried[key] = value.clone()  # step counts and other scalars
+            else:
+                return {}
+        if self._shared(index) and moments:
+            self.sharding.all_reduce(list(moments.values()))
+        return {**carried, **{key: self.as_core(index, value) for key, value in moments.items()}}
 
     # ------------------------------------------------------------------ stepping
     @contextlib.contextmanager
@@ -430,8 +497,8 @@ class LowRankPhase:
             return False
         if self.refresh_due and any(g is not None for g in grads):
             grads = self._refresh(full_grads, self._local_gradients(full_grads))
-        for core, low in zip(self.cores, grads):
-            core.grad = low
+        for index, (core, low) in enumerate(zip(self.cores, grads)):
+            core.grad = None if low is None else self.as_core(index, low)
         self._sync_hyperparameters()
         guarded_step(self.optimizer, loss, closure, [p for g in self.optimizer.param_groups for p in g["params"]])
         self._follow(full_grads, grads)
@@ -446,10 +513,11 @@ class LowRankPhase:
         p = self.projected[index]
         if grad is None:
             return None
+        grad = self.setup.local(grad)
         visible = self.setup.params.groups[self._group_of[p]]
         decay = visible.get("weight_decay", 0.0)
         if decay and not _decoupled(visible, self.setup.make_base.optimizer_name):
-            return grad + decay * p.detach()
+            return grad + decay * self.setup.local(p.detach())
         return grad
 
     def _local_gradients(self, full_grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
@@ -461,9 +529,18 @@ class LowRankPhase:
     @torch.no_grad()
     def _low_gradients(self, full_grads: list[torch.Tensor | None]) -> list[torch.Tensor | None] | None:
         """Each core's gradient (projected); None (nothing changed) if one, or a full gradient, is not finite."""
-        grads = [None if g is None else self.map.project(index, g) for index, g in enumerate(full_grads)]
+        grads = self._project(full_grads)
         if not self.setup.all_finite([*grads, *(p.grad for p in self.full)]):
             return None
+        return grads
+
+    def _project(self, full_grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """The projections of ``full_grads`` (this rank's rows of each core; whole cores summed over the ranks)."""
+        grads = [None if g is None else self.map.project(index, g, self._rows[index])
+                 for index, g in enumerate(full_grads)]
+        shared = [g for index, g in enumerate(grads) if g is not None and self._shared(index)]
+        if shared:
+            self.sharding.all_reduce(shared)
         return grads
 
     @torch.no_grad()
@@ -471,14 +548,15 @@ class LowRankPhase:
                  local_grads: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """New bases from this rank's gradients ``local_grads`` (the first rank's are taken under DDP), the
         cores' state rotated into them (and the exchange told); the new projections of ``full_grads``."""
-        rotations = self.map.refresh({i: g for i, g in enumerate(local_grads) if g is not None}, self.refreshes,
-                                     self.agree)
+        rotations = self.map.refresh(_Whole(self, {i: g for i, g in enumerate(local_grads) if g is not None}),
+                                     self.refreshes, self.agree)
         self.setup.exchange.rotated(rotations)
         for index, rotation in rotations.items():
             for key, value in self.optimizer.state.get(self.cores[index], {}).items():
                 if key in FIRST_MOMENTS or key in SECOND_MOMENTS:
-                    value.copy_(self.map.rotate(index, value, rotation, key in SECOND_MOMENTS))
-        return [None if g is None else self.map.project(index, g) for index, g in enumerate(full_grads)]
+                    local = self.setup.local(value)
+                    local.copy_(self.map.rotate(index, local, rotation, key in SECOND_MOMENTS))
+        return self._project(full_grads)
 
     def _sync_hyperparameters(self) -> None:
         """The visible groups' settings; core groups without weight decay (it is applied to W)."""
@@ -491,11 +569,12 @@ class LowRankPhase:
     def _follow(self, full_grads: list[torch.Tensor | None], grads: list[torch.Tensor | None]) -> None:
         """Move each projected matrix by its core's step (and the residual), then set the core back to 0. A step
         that is not finite anywhere is refused whole (one host sync for every core)."""
-        steps = [core.detach() for core in self.cores]
-        if not all_finite(steps):
+        steps = [self.setup.local(core.detach()) for core in self.cores]
+        if not self.setup.all_finite(steps):
             for core in self.cores:
                 core.zero_()
             return
+        ratios = self._split_ratios(steps, grads)
         name = self.setup.make_base.optimizer_name
         for index, (p, core, full, low) in enumerate(zip(self.projected, self.cores, full_grads, grads)):
             if low is None:
@@ -504,8 +583,21 @@ class LowRankPhase:
             decay = visible.get("weight_decay", 0.0)
             if decay and _decoupled(visible, name):
                 p.mul_(1 - visible["lr"] * decay)
-            self.map.apply(index, p.data, core.detach(), full if self.settings.residual else None, low)
+            self.map.apply(index, self.setup.local(p.data), steps[index], full if self.settings.residual else None,
+                           low, self._rows[index], ratios.get(index))
             core.zero_()
+
+    def _split_ratios(self, steps: list[torch.Tensor], grads: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:
+        """For each split core (its rows on several ranks), ``||step|| / ||projected gradient||`` over the whole
+        core, which the residual's cap reads: one all-reduce of two numbers per split core."""
+        split = [index for index, g in enumerate(grads) if g is not None and self._split(index)]
+        if not split or not self.settings.residual:
+            return {}
+        squares = torch.stack([torch.stack([steps[i].square().sum(), grads[i].float().square().sum()]) for i in split])
+        self.sharding.all_reduce([squares])
+        norms = squares.sqrt()
+        ratios = norms[:, 0] / norms[:, 1].clamp_min(torch.finfo(torch.float32).tiny)
+        return {index: ratios[k] for k, index in enumerate(split)}
 
     def after_step(self, steps_taken: int) -> None:
         pass
