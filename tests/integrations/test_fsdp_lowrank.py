@@ -16,7 +16,8 @@ from benchmarks.processes import leave_process_group
 from cmd_optim import CMDOptimizer, LowRank
 from tests.integrations.test_fsdp import WORLD, join, shares
 
-STEPS, SWITCH, SAVE_AT, REFRESH = 45, 20, 32, 5
+STEPS, SWITCH, REFRESH = 45, 20, 5
+SAVES = (10, 20, 32)  # in the warm-up, at the switch, mid-window after two refreshes
 #: base, its settings, and the fully_shard pattern each run uses
 RUNS = {
     "sgd": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3), "per block"),
@@ -62,8 +63,8 @@ def _core_rows(opt):
 
 
 def sharded_runs(rank, world, folder):
-    """Each run trained through the switch, saved in the reduced phase after two refreshes, then resumed from
-    that checkpoint in a freshly built model and optimizer."""
+    """Each run trained through the switch, saved at each of ``SAVES``, then resumed from each checkpoint in a
+    freshly built model and optimizer."""
     import torch.distributed.checkpoint as dcp
 
     from cmd_optim.integrations import fsdp
@@ -74,10 +75,11 @@ def sharded_runs(rank, world, folder):
     for run, (_, _, pattern) in RUNS.items():
         net = sharded(pattern)
         opt = optimizer(net, run)
-        train(net, opt, data, 0, SAVE_AT, rank)
-        dcp.save(net.state_dict(), checkpoint_id=os.path.join(folder, f"{run}-model"))
-        fsdp.save(opt, os.path.join(folder, f"{run}-optimizer"))
-        train(net, opt, data, SAVE_AT, STEPS, rank)
+        for start, stop in zip((0, *SAVES), SAVES):
+            train(net, opt, data, start, stop, rank)
+            dcp.save(net.state_dict(), checkpoint_id=os.path.join(folder, f"{run}-model-{stop}"))
+            fsdp.save(opt, os.path.join(folder, f"{run}-optimizer-{stop}"))
+        train(net, opt, data, SAVES[-1], STEPS, rank)
         states = _core_rows(opt)
         base, settings, _ = RUNS[run]
         default = CMDOptimizer(sharded(pattern), base=base, **settings).reduction  # none named: the default
@@ -85,14 +87,17 @@ def sharded_runs(rank, world, folder):
                   "default": type(default).__name__, "refreshes": opt.reduced_phase.refreshes,
                   "state_rows": [tuple(s.to_local().shape) if hasattr(s, "to_local") else tuple(s.shape)
                                  for s in states]}
-        resumed = sharded(pattern)
-        resumed_opt = optimizer(resumed, run)
-        state = resumed.state_dict()
-        dcp.load(state, checkpoint_id=os.path.join(folder, f"{run}-model"))
-        resumed.load_state_dict(state)
-        fsdp.load(resumed_opt, os.path.join(folder, f"{run}-optimizer"))
-        train(resumed, resumed_opt, data, SAVE_AT, STEPS, rank)
-        record["resumed"] = [p.full_tensor().detach() for p in resumed.parameters()]
+        record["resumed"] = {}
+        for stop in SAVES:
+            resumed = sharded(pattern)
+            resumed_opt = optimizer(resumed, run)
+            state = resumed.state_dict()
+            dcp.load(state, checkpoint_id=os.path.join(folder, f"{run}-model-{stop}"))
+            resumed.load_state_dict(state)
+            fsdp.load(resumed_opt, os.path.join(folder, f"{run}-optimizer-{stop}"))
+            assert resumed_opt.phase == ("warmup" if stop < SWITCH else "reduced")
+            train(resumed, resumed_opt, data, stop, STEPS, rank)
+            record["resumed"][stop] = [p.full_tensor().detach() for p in resumed.parameters()]
         out[run] = record
     torch.save(out, os.path.join(folder, f"rank{rank}.pt"))
     leave_process_group()
@@ -142,8 +147,9 @@ def test_each_rank_keeps_its_rows_of_a_split_core_and_the_whole_left_core(ranks,
     assert [rows for rows, _ in right] == [41, 40]  # the right core (81 x r) split as the weight's rows
 
 
+@pytest.mark.parametrize("stop", SAVES)
 @pytest.mark.parametrize("run", RUNS)
-def test_resume_from_a_reduced_phase_checkpoint_ends_on_the_same_weights(ranks, run):
+def test_resume_from_a_sharded_checkpoint_ends_on_the_same_weights(ranks, run, stop):
     for r in range(WORLD):
-        for p, q in zip(ranks[r][run]["params"], ranks[r][run]["resumed"]):
+        for p, q in zip(ranks[r][run]["params"], ranks[r][run]["resumed"][stop]):
             assert torch.equal(p, q)
