@@ -27,6 +27,7 @@ from .decomposition import (
     choose_references,
     chunks,
     decompose,
+    decompose_to_profiles,
     fit_slopes,
     fit_slopes_to_profiles,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "chunks",
     "cluster_references",
     "decompose",
+    "decompose_to_profiles",
     "fit_slopes",
     "fit_slopes_to_profiles",
     "sample_columns",

@@ -23,7 +23,7 @@ from .clustering import abs_correlation, cluster_references
 from .sampling import sample_columns
 
 __all__ = ["CHUNK_ELEMENTS", "ColumnSource", "Decomposition", "FitQuality", "FitSums", "SlopeFit", "choose_references",
-           "chunks", "decompose", "fit_slopes", "fit_slopes_to_profiles"]
+           "chunks", "decompose", "decompose_to_profiles", "fit_slopes", "fit_slopes_to_profiles"]
 
 #: Elements of the trajectory processed at once (columns per chunk = this // T), unless the trajectory
 #: is a :class:`ColumnSource` that sets its own ``chunk_elements``.
@@ -54,7 +54,8 @@ class Decomposition(_Sizes):
 
     Attributes:
         assignment: LongTensor (N,), the mode of each parameter, in ``[0, num_modes)``.
-        references: LongTensor (M,), the column index of each mode's reference parameter.
+        references: LongTensor (M,), the column index of each mode's reference parameter; -1 for one that is
+            not among these columns (a Decomposition of one shard's columns, :func:`decompose_to_profiles`).
         profiles: Tensor (M, T), each reference's value at every snapshot seen so far.
         a, b: Tensor (N,), affine coefficients: ``w_i(t) ~= a_i * profiles[assignment[i], t] + b_i``.
 
@@ -108,11 +109,12 @@ class Decomposition(_Sizes):
         """The modelled trajectory (T, N) at every snapshot seen so far."""
         return torch.addcmul(self.b, self.a, self.profiles.T[:, self.assignment])
 
-    def update(self, snapshot: torch.Tensor) -> None:
+    def update(self, snapshot: torch.Tensor, reference_values: torch.Tensor | None = None) -> None:
         """Online CMD: add one snapshot (N,) and refit ``a, b`` as a batch fit over all snapshots would.
 
-        The references and the assignment stay fixed; ``profiles`` gains a column; ``fit_quality``
-        (which described the decomposed trajectory) is cleared.
+        ``reference_values`` (M,): the references' values at this snapshot; None reads them from ``snapshot``
+        (required when a reference is not among the columns). The references and the assignment stay fixed;
+        ``profiles`` gains a column; ``fit_quality`` (which described the decomposed trajectory) is cleared.
         """
         snapshot = torch.as_tensor(snapshot, device=self.a.device)
         if snapshot.shape != (self.num_params,):
@@ -121,7 +123,15 @@ class Decomposition(_Sizes):
         bad = torch.nonzero(~torch.isfinite(x))
         if bad.numel():
             raise ValueError(f"snapshot has a non-finite value at parameter {int(bad[0])}")
-        r = x[self.references]
+        if reference_values is None:
+            if bool((self.references < 0).any()):
+                raise ValueError("reference_values is required: some references are not among these columns")
+            r = x[self.references]
+        else:
+            r = torch.as_tensor(reference_values, device=self.a.device).to(self.a.dtype)
+            if r.shape != (self.num_modes,) or not bool(torch.isfinite(r).all()):
+                raise ValueError(f"reference_values must be {self.num_modes} finite values, got shape "
+                                 f"{tuple(r.shape)}")
         count = self.num_snapshots + 1
         # Welford updates of the means and (co-)moments, exact for any number of snapshots.
         r_delta = r - self._profile_mean
@@ -139,18 +149,20 @@ class Decomposition(_Sizes):
         """Keep only the parameters ``columns`` (increasing indices, every reference among them), in place:
         their statistics, renumbered ``0 .. len(columns) - 1``; the modes' statistics are unchanged, so
         :meth:`update` goes on refitting the kept parameters exactly as before (given their values only).
-        The embedded CMD reduction drops the parameters it has embedded this way."""
+        The embedded CMD reduction drops the parameters it has embedded this way. A reference that is not
+        among the columns (-1) stays -1."""
         columns = torch.as_tensor(columns, device=self.assignment.device).long()
         if columns.ndim != 1 or (columns.numel() > 1 and not bool((columns.diff() > 0).all())):
             raise ValueError("columns must be a 1-D tensor of increasing parameter indices")
         if columns.numel() and (int(columns[0]) < 0 or int(columns[-1]) >= self.num_params):
             raise ValueError(f"columns must lie in [0, {self.num_params})")
+        here = self.references >= 0
         position = torch.searchsorted(columns, self.references)
-        if bool((position >= columns.numel()).any()) or not torch.equal(columns[position.clamp(
-                max=max(columns.numel() - 1, 0))], self.references):
+        if bool((here & (position >= columns.numel())).any()) or not torch.equal(columns[position.clamp(
+                max=max(columns.numel() - 1, 0))][here], self.references[here]):
             raise ValueError("columns must keep every mode's reference")
         self.assignment = self.assignment[columns]
-        self.references = position
+        self.references = torch.where(here, position, -1)
         self._mean = self._mean[columns]
         self._comoment = self._comoment[columns]
         self.fit_quality = None
@@ -211,10 +223,11 @@ class Decomposition(_Sizes):
         if state["profiles"].ndim != 2 or state["profiles"].shape[0] != m:
             raise ValueError(f"Decomposition state_dict entry 'profiles' has shape {tuple(state['profiles'].shape)}, "
                              f"expected ({m}, snapshots)")
-        for key, limit in (("assignment", m), ("references", n)):
+        for key, low, limit in (("assignment", 0, m), ("references", -1, n)):
             values = state[key]
-            if values.dtype != torch.long or (values.numel() and (int(values.min()) < 0 or int(values.max()) >= limit)):
-                raise ValueError(f"Decomposition state_dict entry {key!r} must hold integers in [0, {limit})")
+            if values.dtype != torch.long or (values.numel() and (int(values.min()) < low or
+                                                                  int(values.max()) >= limit)):
+                raise ValueError(f"Decomposition state_dict entry {key!r} must hold integers in [{low}, {limit})")
         return cls(**{key: state[key].clone() for key in _STATE_TENSORS})
 
     def __repr__(self) -> str:
@@ -295,6 +308,27 @@ def decompose(
     """
     trajectory = _as_trajectory(trajectory)
     refs = _choose_references(trajectory, modes, samples, seed, layer_sizes)
+    d, sums = _decompose_against(trajectory, refs, refs.references, measure)
+    d.fit_quality = sums.quality() if sums is not None else None
+    return d
+
+
+def decompose_to_profiles(trajectory, profiles: torch.Tensor, own_references: torch.Tensor,
+                          measure: bool = False) -> tuple[Decomposition, FitSums | None]:
+    """:func:`decompose`'s fit of every column of ``trajectory`` (T, N) against given reference profiles (M, T),
+    as :func:`fit_slopes_to_profiles` does, keeping the running statistics (a :class:`Decomposition` that
+    :meth:`Decomposition.update` refits online). ``own_references`` (M,) gives the column of each reference in
+    this trajectory, -1 where it lies elsewhere (one shard of a sharded trajectory): the Decomposition's
+    ``references``. Returns it and, with ``measure``, the raw sums of its quality (they add over shards)."""
+    trajectory = _as_trajectory(trajectory, minimum_columns=0)
+    refs = _profile_statistics(torch.as_tensor(profiles), trajectory.dtype)
+    return _decompose_against(trajectory, refs, torch.as_tensor(own_references, dtype=torch.long), measure)
+
+
+def _decompose_against(trajectory, refs: _References, own_references: torch.Tensor,
+                       measure: bool) -> tuple[Decomposition, FitSums | None]:
+    """Steps 5-6 with the running statistics; each reference column (``own_references`` >= 0) follows its own
+    profile exactly (a = 1, b = 0), even if an identical column exists."""
     num_params, device, dtype = trajectory.shape[1], trajectory.device, refs.profiles.dtype
     assignment = torch.empty(num_params, dtype=torch.long, device=device)
     mean = torch.empty(num_params, dtype=dtype, device=device)
@@ -306,13 +340,13 @@ def decompose(
     sums = _fit_columns(trajectory, refs, measure, store)
     if not torch.isfinite(comoment).all():
         _raise_too_large(dtype)
-    # A reference follows its own profile exactly (a = 1, b = 0), even if an identical column exists.
-    assignment[refs.references] = torch.arange(refs.references.numel(), device=device)
-    comoment[refs.references] = refs.m2
-    mean[refs.references] = refs.mean
-    d = Decomposition(assignment, refs.references, refs.profiles, mean, comoment, refs.mean, refs.m2)
-    d.fit_quality = sums.quality() if sums is not None else None
-    return d
+    own_references = own_references.to(device)
+    here = own_references >= 0
+    columns = own_references[here]
+    assignment[columns] = here.nonzero().squeeze(1)
+    comoment[columns] = refs.m2[here]
+    mean[columns] = refs.mean[here]
+    return Decomposition(assignment, own_references, refs.profiles, mean, comoment, refs.mean, refs.m2), sums
 
 
 @dataclass
