@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from ..core import SlopeFit, choose_references, fit_slopes_to_profiles, sample_columns
 from ..core._checks import check_int
+from ..core.decomposition import Decomposition, decompose_to_profiles
 
 try:
     from torch.distributed.tensor import DTensor
@@ -203,3 +204,59 @@ class Sharding:
         stride = [math.prod(shape[d + 1:]) for d in range(len(shape))]
         return DTensor.from_local(local, self.mesh, [Shard(dim)], run_check=False, shape=torch.Size(shape),
                                   stride=tuple(stride))
+
+    # ------------------------------------------------------------------ embedded CMD
+    def decompose(self, trajectory, modes: int, samples: int, seed: int) -> tuple[Decomposition, torch.Tensor]:
+        """The full decomposition (running statistics included) of this rank's columns, and the references'
+        global indices (M,): :meth:`fit_slopes`'s shared profiles and quality, then a second pass fitting the
+        columns against them that keeps the statistics. The Decomposition's ``references`` are this rank's
+        columns of the references (-1 where another rank holds one)."""
+        fit = self.fit_slopes(trajectory, modes, samples, seed, measure=True)
+        d, _ = decompose_to_profiles(trajectory, fit.profiles, self.owned(fit.references))
+        d.fit_quality = fit.fit_quality
+        return d, fit.references
+
+    def total(self, count: int) -> int:
+        """``count`` added over the ranks."""
+        value = torch.tensor([count], dtype=torch.long)
+        dist.all_reduce(value, group=self.group)
+        return int(value.item())
+
+    def smallest(self, values: torch.Tensor, count: int, sizes) -> torch.Tensor:
+        """Which of this rank's ``values`` (non-negative floats; NaN counts as largest) are among the ``count``
+        smallest of all ranks' values, ties going to the lower global index: what a stable sort of the whole
+        vector takes first. ``values`` lists this rank's values of each tracked parameter in turn (``sizes``
+        of them). Radix selection on the values' bits, a byte at a time: one all-reduce of 256 counts per byte,
+        then one of the ties at the threshold per parameter and rank. Returns a bool mask like ``values``."""
+        keys = values.view(torch.int32 if values.element_size() == 4 else torch.int64)  # ordered as the values
+        matching = torch.ones_like(values, dtype=torch.bool)
+        remaining, threshold = count, 0
+        for shift in range(8 * values.element_size() - 8, -1, -8):
+            digit = (keys >> shift) & 255
+            counts = torch.bincount(digit[matching], minlength=256)
+            self.all_reduce([counts])
+            below = counts.cumsum(0)
+            byte = int(torch.searchsorted(below, remaining))
+            remaining -= int(below[byte - 1]) if byte else 0
+            threshold |= byte << shift
+            matching &= digit == byte
+        ties = torch.zeros(self.world, len(sizes), dtype=torch.long)  # ties at the threshold, per rank and parameter
+        blocks = list(matching.split(list(sizes)))
+        ties[self.rank] = torch.tensor([int(block.sum()) for block in blocks], dtype=torch.long)
+        self.all_reduce([ties])
+        in_order = ties.T.reshape(-1)  # the global order: parameter by parameter, each one's rows rank by rank
+        ahead = (in_order.cumsum(0) - in_order).view(len(sizes), self.world)[:, self.rank]
+        for block, before in zip(blocks, ahead.tolist()):
+            block &= block.cumsum(0) <= remaining - before
+        return (keys < threshold) | matching
+
+    def global_vectors(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """``flat`` (this rank's elements of the tracked parameters, in order) as one DTensor per parameter,
+        shaped and sharded like it, for torch.distributed.checkpoint."""
+        sizes = [stop - start for start, stop in self.spans]
+        return [self.global_view(piece.reshape(p.to_local().shape), index)
+                for index, (piece, p) in enumerate(zip(flat.split(sizes), self.params))]
+
+    def local_vector(self, pieces) -> torch.Tensor:
+        """The inverse of :meth:`global_vectors`: this rank's elements of each piece, concatenated."""
+        return torch.cat([self.local(piece).reshape(-1) for piece in pieces])
