@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .sharding import is_sharded
+
 __all__ = ["BaseFactory", "ParamSet", "all_finite", "gather_params", "hyperparameters", "tensor_bytes"]
 
 
@@ -159,9 +161,10 @@ def hyperparameters(group: dict) -> dict:
 
 
 def tensor_bytes(tree) -> int:
-    """Total bytes of the tensors in nested dicts, lists and tuples."""
+    """Total bytes of the tensors in nested dicts, lists and tuples (of a DTensor: the shard this process holds)."""
     if isinstance(tree, torch.Tensor):
-        return tree.numel() * tree.element_size()
+        local = tree.to_local() if is_sharded(tree) else tree
+        return local.numel() * local.element_size()
     if isinstance(tree, dict):
         return sum(tensor_bytes(v) for v in tree.values())
     if isinstance(tree, (list, tuple)):

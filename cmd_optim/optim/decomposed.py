@@ -77,16 +77,23 @@ class Decomposed(Reduction):
     def warmup_recorder(self, setup: Setup, saved: dict | None = None) -> SnapshotRecorder:
         return SnapshotRecorder(setup, self, saved)
 
-    def fit(self, setup: Setup, recorder: SnapshotRecorder, steps_taken: int, keep: bool) -> SlopeFit | Decomposition:
+    def fit(self, setup: Setup, recorder: SnapshotRecorder, steps_taken: int,
+            keep: bool) -> tuple[SlopeFit | Decomposition, torch.Tensor]:
         """The decomposition of the warm-up's snapshots (a full :class:`Decomposition` with ``keep``, else the
-        5-byte-per-parameter :class:`SlopeFit`). Raises if the warm-up moved nothing."""
+        5-byte-per-parameter :class:`SlopeFit`), and the references' global indices (M,) (under FSDP2 a full
+        Decomposition is of this rank's columns, and its ``references`` are among them). Raises if the warm-up
+        moved nothing."""
         trajectory = recorder.buffer.trajectory()
-        if setup.sharding is not None:
+        if setup.sharding is not None and keep:
+            d, references = setup.sharding.decompose(trajectory, self.modes, self.samples, self.seed)
+        elif setup.sharding is not None:
             d = setup.sharding.fit_slopes(trajectory, self.modes, self.samples, self.seed, measure=True)
+            references = d.references
         else:
             fit = decompose if keep else fit_slopes
             d = fit(trajectory, modes=self.modes, samples=self.samples, seed=self.seed,
                     layer_sizes=recorder.buffer.layout.sizes, measure=True)
+            references = d.references
         if not bool((d.profiles.amax(dim=1) > d.profiles.amin(dim=1)).any()):
             raise RuntimeError(
                 f"the warm-up moved none of the sampled parameters in {steps_taken} steps (a learning rate of 0, "
@@ -94,7 +101,7 @@ class Decomposed(Reduction):
                 "in the warm-up and retries at the next step.")
         if setup.sharding is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             check_rank_consistency(d)  # (sharded, the ranks agree by construction: shared samples)
-        return d
+        return d, references
 
     @staticmethod
     def report(d: SlopeFit | Decomposition, setup: Setup) -> dict:

@@ -11,6 +11,11 @@ What an embedded parameter costs from its round on: its flag, its frozen slope a
 the Decomposition's running statistics are cut down to their columns at each round
 (:meth:`Decomposition.keep_columns`), and :attr:`GradualEmbedding.positions` tells the reduced phase which
 elements of each tensor its base optimizer still steps.
+
+Under FSDP2 (``sharding``) each rank holds the elements of its rows only: the vectors and the decomposition
+cover them (its references are -1 where another rank holds one); the references' values come from one
+all-reduce of M numbers (:meth:`GradualEmbedding.reference_values`), and a round ranks the drifts of all ranks
+(:meth:`~cmd_optim.optim.sharding.Sharding.smallest`), so every rank embeds what one process would.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ import torch
 
 from ..core import Decomposition, FlatLayout
 from ._params import tensor_bytes
+from .sharding import Sharding
 
-__all__ = ["GradualEmbedding", "gather"]
+__all__ = ["GradualEmbedding", "gather", "local_state", "sharded_state"]
 
 _VECTORS = ("embedded", "tied_slope", "tied_offset", "modes")  # (N,): one entry per tracked element
 _LIVE = ("round_slope", "round_offset")  # one entry per live element
@@ -46,6 +52,10 @@ class GradualEmbedding:
         fraction: share of the not-yet-embedded, non-reference parameters embedded per round (P).
         state: a :meth:`state_dict` to restore (then ``decomposition`` is the saved one, over the live
             parameters); every entry is checked, and nothing is built unless all pass.
+        sharding: under FSDP2, ``params`` are this rank's shards and ``decomposition`` is of their elements
+            (:meth:`~cmd_optim.optim.sharding.Sharding.decompose`).
+        references: the references' global indices (M,) at the switch (None: the decomposition's; a ``state``
+            holds them).
 
     A round embeds the parameters whose fitted line moved least since the previous round, measured in
     weight units over the spread of the reference: ``|da| * std(r) + |d(a * mean(r) + b)|`` (ties go to the
@@ -53,17 +63,19 @@ class GradualEmbedding:
 
     Public attributes, over all N tracked elements in decomposition order: ``embedded`` (bool), ``tied_slope``
     and ``tied_offset`` (the line an embedded element follows; 0 for a live one), ``modes`` (each element's
-    mode), ``references`` (each mode's reference element). ``positions``: per parameter, the flat positions
-    of its live elements (an int32 tensor on its device), or None while all of them are live (no memory);
-    ``live_counts``: how many each has.
+    mode), ``references`` (each mode's reference element, by global index). ``positions``: per parameter, the
+    flat positions of its live elements (an int32 tensor on its device), or None while all of them are live (no
+    memory); ``live_counts``: how many each has. Under FSDP2 all of them but ``references`` cover this rank's
+    elements (in its parameters' order).
     """
 
     def __init__(self, decomposition: Decomposition, params, every: int, fraction: float,
-                 state: dict | None = None) -> None:
+                 state: dict | None = None, sharding: Sharding | None = None,
+                 references: torch.Tensor | None = None) -> None:
         d = decomposition
         self.params = list(params)
         self.layout = FlatLayout(self.params)
-        self.every, self.fraction = every, fraction
+        self.every, self.fraction, self.sharding = every, fraction, sharding
         n, device = self.layout.numel, d.a.device
         if state is None:
             if d.num_params != n:
@@ -71,24 +83,35 @@ class GradualEmbedding:
             self.embedded = torch.zeros(n, dtype=torch.bool, device=device)
             self.tied_slope, self.tied_offset = torch.zeros_like(d.a), torch.zeros_like(d.b)
             self.modes = d.assignment.to(torch.uint8 if d.num_modes <= 256 else torch.int16)
-            self.references = d.references.clone()
+            self.references = (d.references if references is None else references).to(device).clone()
             self.round_slope, self.round_offset = d.a.clone(), d.b.clone()
             self.snapshots_since_round = self.rounds = 0
         else:
             self._take(state, d, n)
         self.decomposition = d
-        self._reference_at = self.layout.locate(self.references)  # (parameter, position) of each reference
+        here = self._here(self.references)
+        self._modes_here = (here >= 0).nonzero().squeeze(1)
+        self._reference_at = self.layout.locate(here[self._modes_here])  # (parameter, position) of each one here
+        self._total = n if sharding is None else sharding.num_global
+        self._live_total = d.num_params if sharding is None else sharding.total(d.num_params)
         self._refresh()
+
+    def _here(self, references: torch.Tensor) -> torch.Tensor:
+        """The flat position among this rank's elements of each global reference index, -1 where another rank
+        holds it (without sharding: the indices themselves)."""
+        return references.cpu() if self.sharding is None else self.sharding.owned(references)
 
     # ------------------------------------------------------------------ sizes
     @property
     def num_embedded(self) -> int:
-        return int(self.embedded.sum())
+        """Tracked elements embedded so far (all ranks')."""
+        return self._total - self._live_total
 
     @property
     def num_live(self) -> int:
-        """Tracked elements not embedded yet (the references among them): what the base optimizer steps."""
-        return self.decomposition.num_params
+        """Tracked elements not embedded yet (the references among them; all ranks'): what the base optimizer
+        steps. This rank's are ``decomposition.num_params``."""
+        return self._live_total
 
     def live_indices(self) -> torch.Tensor:
         """(num_live,) long: the flat (decomposition-order) indices of the live elements, increasing."""
@@ -96,21 +119,36 @@ class GradualEmbedding:
 
     # ------------------------------------------------------------------ snapshots and rounds
     @torch.no_grad()
-    def observe(self, moving) -> list[torch.Tensor] | None:
+    def reference_values(self) -> torch.Tensor:
+        """(M,) float64: the references' current values; under FSDP2 each rank's own ones, added over the ranks
+        (one all-reduce)."""
+        device = self.embedded.device
+        values = torch.zeros(self.decomposition.num_modes, dtype=torch.float64, device=device)
+        if self._reference_at:
+            values[self._modes_here.to(device)] = torch.stack(
+                [self.params[i].detach().reshape(-1)[pos].double().to(device) for i, pos in self._reference_at])
+        if self.sharding is not None:
+            self.sharding.all_reduce([values])
+        return values
+
+    @torch.no_grad()
+    def observe(self, moving, values: torch.Tensor | None = None) -> list[torch.Tensor] | None:
         """A snapshot: refit the live parameters' ``a, b`` online, and every ``every`` snapshots run an embedding
         round, after which the newly embedded elements of the parameters in ``moving`` are put on their line.
+        ``values``: the references' current values (:meth:`reference_values`, read if None).
 
         Returns None, or after a round that embedded something, per parameter the bool mask of its previous
         :attr:`positions` that are still live (what the caller's per-element state keeps)."""
         device = self.embedded.device
+        values = self.reference_values() if values is None else values
         self.decomposition.update(torch.cat([gather(p.detach(), pos).to(device)
-                                             for p, pos in zip(self.params, self.positions)]))
+                                             for p, pos in zip(self.params, self.positions)]), values)
         self.snapshots_since_round += 1
         if self.snapshots_since_round < self.every:
             return None
         kept = self._embed_round()
         self.snapshots_since_round = 0
-        self.follow(moving)
+        self.follow(moving, values)
         return kept
 
     def _embed_round(self) -> list[torch.Tensor] | None:
@@ -120,23 +158,33 @@ class GradualEmbedding:
         da = d.a - self.round_slope
         drift = da.abs() * profile_std + (da * profile_mean + d.b - self.round_offset).abs()
         candidates = torch.ones(d.num_params, dtype=torch.bool, device=drift.device)
-        candidates[d.references] = False
-        count = math.ceil(round(self.fraction * int(candidates.sum()), 6))  # no float dust above an integer
+        candidates[d.references[d.references >= 0]] = False
+        # the references are distinct elements; no float dust above an integer
+        count = math.ceil(round(self.fraction * (self._live_total - d.num_modes), 6))
         kept = None
         if count:
-            chosen = torch.sort(torch.where(candidates, drift, math.inf), stable=True).indices[:count]
+            chosen = self._smallest(torch.where(candidates, drift, math.inf), count)
             flat = self.live_indices()[chosen]
             self.embedded[flat] = True
             self.tied_slope[flat] = d.a[chosen]
             self.tied_offset[flat] = d.b[chosen]
-            stays = torch.ones(d.num_params, dtype=torch.bool, device=drift.device)
-            stays[chosen] = False
+            stays = ~chosen
             d.keep_columns(stays.nonzero().squeeze(1))
             kept = [piece.to(p.device) for p, piece in zip(self.params, stays.split(self.live_counts))]
+            self._live_total -= count
             self._refresh()
         self.round_slope, self.round_offset = d.a.clone(), d.b.clone()
         self.rounds += 1
         return kept
+
+    def _smallest(self, scores: torch.Tensor, count: int) -> torch.Tensor:
+        """Bool mask of the ``count`` smallest ``scores`` (live elements; of all ranks under FSDP2), ties to the
+        earlier element."""
+        if self.sharding is not None:
+            return self.sharding.smallest(scores, count, self.live_counts)
+        chosen = torch.zeros_like(scores, dtype=torch.bool)
+        chosen[torch.sort(scores, stable=True).indices[:count]] = True
+        return chosen
 
     def _refresh(self) -> None:
         """Per parameter: its live positions, and views (copies on another device) of what ``follow`` reads."""
@@ -157,11 +205,11 @@ class GradualEmbedding:
                                      for t in (self.embedded, self.tied_slope, self.tied_offset, self.modes)))
 
     @torch.no_grad()
-    def follow(self, moving) -> None:
+    def follow(self, moving, values: torch.Tensor | None = None) -> None:
         """Put the embedded elements of the parameters in ``moving`` (the others are left alone) at
-        ``a * r + b``, ``r`` the references' current values."""
+        ``a * r + b``, ``r`` the references' current ``values`` (:meth:`reference_values`, read if None)."""
         moving = {id(p) for p in moving}
-        references = torch.stack([self.params[i].detach().reshape(-1)[pos].float() for i, pos in self._reference_at])
+        references = self.reference_values() if values is None else values
         for p, view in zip(self.params, self._views):
             if view is None or id(p) not in moving:
                 continue
@@ -214,9 +262,11 @@ class GradualEmbedding:
         modes, references = state["modes"], state["references"]
         if modes.is_floating_point() or (n and (int(modes.min()) < 0 or int(modes.max()) >= d.num_modes)):
             raise ValueError(f"the gradual-embedding state's 'modes' must hold integers in [0, {d.num_modes})")
-        live_indices = (~embedded).nonzero().squeeze(1).to(d.references.device)
-        if references.dtype != torch.long or tuple(references.shape) != (d.num_modes,) or not torch.equal(
-                live_indices[d.references].cpu(), references.cpu()):
+        if references.dtype != torch.long or tuple(references.shape) != (d.num_modes,):
+            raise ValueError(f"the gradual-embedding state's 'references' must be {d.num_modes} integers")
+        here, at = self._here(references), d.references.cpu()
+        if not torch.equal(here >= 0, at >= 0) or not torch.equal(
+                (~embedded).nonzero().squeeze(1).cpu()[at[at >= 0]], here[here >= 0]):
             raise ValueError("the gradual-embedding state's 'references' are not its decomposition's references")
         if not torch.equal(modes[~embedded].long().to(d.assignment.device), d.assignment):
             raise ValueError("the gradual-embedding state's 'modes' disagree with its decomposition's assignment")
@@ -235,3 +285,49 @@ class GradualEmbedding:
         self.round_slope = state["round_slope"].to(device, d.a.dtype).clone()
         self.round_offset = state["round_offset"].to(device, d.b.dtype).clone()
         self.snapshots_since_round, self.rounds = state["snapshots_since_round"], state["rounds"]
+
+
+_SHARDED_FIT = ("mean", "comoment")  # the live decomposition's per-element statistics
+
+
+def sharded_state(embedding: GradualEmbedding) -> tuple[dict, dict]:
+    """The decomposition's and the embedding's state under FSDP2, for torch.distributed.checkpoint: what
+    differs by rank as one DTensor per tracked parameter, shaped and sharded like it (per-live-element entries
+    spread over all elements, 0 at the embedded ones); the decomposition's ``assignment`` and ``references``
+    are left out (:func:`local_state` derives them from ``modes``, ``embedded`` and the global references)."""
+    sharding, live = embedding.sharding, embedding.live_indices()
+
+    def spread(values: torch.Tensor) -> list[torch.Tensor]:
+        full = torch.zeros(embedding.embedded.numel(), dtype=values.dtype, device=values.device)
+        full[live] = values
+        return sharding.global_vectors(full)
+
+    state = embedding.state_dict()
+    state.update({key: sharding.global_vectors(state[key]) for key in _VECTORS})
+    state.update({key: spread(state[key]) for key in _LIVE})
+    fit = embedding.decomposition.state_dict()
+    del fit["assignment"], fit["references"]
+    fit.update({key: spread(fit[key]) for key in _SHARDED_FIT})
+    return fit, state
+
+
+def local_state(fit: dict, state: dict, sharding: Sharding) -> tuple[dict, dict]:
+    """This rank's decomposition state and embedding state (:meth:`GradualEmbedding.state_dict`) from what
+    :func:`sharded_state` saved; the two are then checked as any saved state is."""
+    wanted = {"decomposition": (fit, _SHARDED_FIT), "embedding": (state, (*_VECTORS, *_LIVE, "references"))}
+    for name, (entries, keys) in wanted.items():
+        missing = [key for key in keys if key not in entries]
+        if missing or not all(isinstance(entries[key], list) for key in keys if key != "references"):
+            raise ValueError(f"the gradual-phase {name} state was not saved under FSDP2 (it needs one tensor per "
+                             f"parameter of {', '.join(keys)})")
+    state = {**state, **{key: sharding.local_vector(state[key]) for key in _VECTORS}}
+    embedded = state["embedded"]
+    if embedded.dtype != torch.bool:
+        raise ValueError("the gradual-embedding state's 'embedded' must be a bool tensor")
+    live = ~embedded
+    state.update({key: sharding.local_vector(state[key])[live] for key in _LIVE})
+    here = sharding.owned(torch.as_tensor(state["references"]).long())
+    at = torch.searchsorted(live.nonzero().squeeze(1).cpu(), here)
+    fit = {**fit, **{key: sharding.local_vector(fit[key])[live] for key in _SHARDED_FIT},
+           "assignment": state["modes"][live].long(), "references": torch.where(here >= 0, at, -1)}
+    return fit, state

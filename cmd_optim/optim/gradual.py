@@ -15,6 +15,10 @@ and the free parameters', falling with every round.
 Other bases (LAMB-like per-tensor norms, Adafactor's factored moments, a custom optimizer) would compute
 something else on a packed vector; for them (``pack=None``, the default) the phase steps the whole tensors as
 before, embedded elements included, and keeps their state.
+
+Under FSDP2 each rank packs the live elements of its own rows and keeps their state only; the references'
+values come from one all-reduce of M numbers per step, and each round ranks the drifts of all ranks with a few
+small collectives (:mod:`cmd_optim.optim.embedding`), so every rank embeds what one process would.
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ from torch import nn
 
 from ..core import Decomposition
 from ..core._checks import check_int, check_real
-from ._params import all_finite, hyperparameters, tensor_bytes
+from ._params import hyperparameters, tensor_bytes
 from .decomposed import Decomposed
-from .embedding import GradualEmbedding, gather
+from .embedding import GradualEmbedding, gather, local_state, sharded_state
 from .phase import Setup, guarded_step
 from .reduction import register
+from .sharding import is_sharded
 from .warmup import WarmupPhase, load_base_state
 
 __all__ = ["ELEMENTWISE", "Gradual", "GradualPhase"]
@@ -59,6 +64,7 @@ class Gradual(Decomposed):
     pack: bool | None = None
 
     name: ClassVar[str] = "gradual"
+    supports_sharding: ClassVar[bool] = True
     communication_hook: ClassVar[bool] = True
     state_keys: ClassVar[tuple[str, ...]] = ("decomposition", "embedding")
     state_settings: ClassVar[tuple[str, ...]] = (*Decomposed.state_settings, "pack")
@@ -75,8 +81,9 @@ class Gradual(Decomposed):
         return setup.make_base.optimizer_name in ELEMENTWISE if self.pack is None else self.pack
 
     def build(self, setup: Setup, warmup: WarmupPhase, steps_taken: int) -> GradualPhase:
-        d = self.fit(setup, warmup.recorder, steps_taken, keep=True)
-        embedding = GradualEmbedding(d, setup.params.tracked, self.every, self.fraction)
+        d, references = self.fit(setup, warmup.recorder, steps_taken, keep=True)
+        embedding = GradualEmbedding(d, setup.local_tracked(), self.every, self.fraction, sharding=setup.sharding,
+                                     references=references)
         return GradualPhase(setup, embedding, self.packs(setup), self.snapshot_every, self.report(d, setup),
                             base_state=warmup.optimizer.state)
 
@@ -84,10 +91,14 @@ class Gradual(Decomposed):
         """The gradual phase from saved state, built beside the live one (every entry checked first)."""
         if not isinstance(extra.get("decomposition"), dict) or not isinstance(extra.get("embedding"), dict):
             raise ValueError("the gradual-phase state_dict needs 'decomposition' and 'embedding'")
-        d = Decomposition.from_state_dict(extra["decomposition"])
-        embedding = GradualEmbedding(d, setup.params.tracked, self.every, self.fraction, state=extra["embedding"])
+        fit, state = extra["decomposition"], extra["embedding"]
+        if setup.sharding is not None:
+            fit, state = local_state(fit, state, setup.sharding)
+        d = Decomposition.from_state_dict(fit)
+        embedding = GradualEmbedding(d, setup.local_tracked(), self.every, self.fraction, state=state,
+                                     sharding=setup.sharding)
         phase = GradualPhase(setup, embedding, self.packs(setup), self.snapshot_every, extra.get("fit", {}))
-        load_base_state(phase.optimizer, envelope)
+        load_base_state(phase.optimizer, phase.local_envelope(envelope))
         return phase
 
 
@@ -110,6 +121,11 @@ class GradualPhase:
     memory between steps; the tensors' ``.grad`` are left as they were. Whole tensors (``packed`` False): the
     base steps the tracked tensors themselves. Either way the embedded elements are then put back on their line.
     Its public attributes: ``embedding``, ``packed``, ``packs``.
+
+    Under FSDP2 the packs hold this rank's live elements (``embedding.params`` are its shards), and the base
+    optimizer's ``state_dict`` gives each pack's per-element state spread over its parameter's shard (0 at the
+    embedded elements) as a DTensor shaped like the parameter (the live counts differ by rank, which a DTensor
+    cannot describe); :meth:`local_envelope` takes them back.
     """
 
     name = "gradual"
@@ -132,9 +148,12 @@ class GradualPhase:
             for p, entry in base_state.items():
                 if p in stand_in:
                     pos = embedding.positions[self._index[p]]
-                    entry = {key: gather(value, pos).clone() if _per_element(key, value, p) else value
+                    entry = {key: gather(setup.local(value), pos).clone() if _per_element(key, value, p) else value
                              for key, value in entry.items()}
                 self.optimizer.state[stand_in.get(p, p)] = entry
+        if packed and setup.sharding is not None:
+            self.optimizer.register_state_dict_post_hook(lambda optimizer, envelope: self._sharded_envelope(envelope))
+        self._references = None  # the references' values after the last step, for the snapshot after it
 
     @property
     def decomposition(self) -> Decomposition:
@@ -155,36 +174,42 @@ class GradualPhase:
         index = self._index.get(param)
         return None if index is None else self.embedding.positions[index]
 
+    def _moving(self) -> list[torch.Tensor]:
+        """This rank's parts of the tracked parameters that have a gradient."""
+        return [local for p, local in zip(self.setup.params.tracked, self.embedding.params) if p.grad is not None]
+
     # ------------------------------------------------------------------ stepping
     def step(self, loss, closure: Callable | None) -> bool:
         self.setup.exchange.check_exchanged()
         for inner, visible in zip(self.optimizer.param_groups, self.setup.params.groups):
             inner.update(hyperparameters(visible))
-        tracked = self.setup.params.tracked
+        tracked, local = self.setup.params.tracked, self.embedding.params
         if self.packed:
-            for p, q, pos in zip(tracked, self.packs, self.embedding.positions):
+            for p, part, q, pos in zip(tracked, local, self.packs, self.embedding.positions):
                 if p.grad is not None:
-                    q.data = gather(p.detach(), pos).clone()
-                    q.grad = gather(p.grad.detach(), pos).clone()
+                    q.data = gather(part.detach(), pos).clone()
+                    q.grad = gather(self.setup.local(p.grad).detach(), pos).clone()
         stepped = [q for group in self.optimizer.param_groups for q in group["params"]]
         try:
-            took = all_finite(q.grad for q in stepped) and guarded_step(self.optimizer, loss, closure, stepped)
+            took = self.setup.all_finite(q.grad for q in stepped) and guarded_step(self.optimizer, loss, closure,
+                                                                                   stepped)
             if took and self.packed:
                 with torch.no_grad():
-                    for p, q, pos in zip(tracked, self.packs, self.embedding.positions):
+                    for part, q, pos in zip(local, self.packs, self.embedding.positions):
                         if q.grad is not None:
-                            _scatter(p, pos, q.detach())
+                            _scatter(part, pos, q.detach())
         finally:
             for q in self.packs:
                 q.data, q.grad = _placeholder(q.numel(), q), None
         if took:
-            self.embedding.follow([p for p in tracked if p.grad is not None])
+            self._references = self.embedding.reference_values()
+            self.embedding.follow(self._moving(), self._references)
         return took
 
     def after_step(self, steps_taken: int) -> None:
         if steps_taken % self.snapshot_every:
             return
-        kept = self.embedding.observe([p for p in self.setup.params.tracked if p.grad is not None])
+        kept = self.embedding.observe(self._moving(), self._references)
         if kept is not None and self.packed:
             self._repack(kept)
 
@@ -208,8 +233,47 @@ class GradualPhase:
         return tensor_bytes(self.optimizer.state) + self.embedding.nbytes()
 
     def extra_state(self) -> dict:
-        return {"decomposition": self.decomposition.state_dict(), "embedding": self.embedding.state_dict(),
-                "fit": dict(self.fit_report)}
+        """Under FSDP2 what differs by rank is one DTensor per tracked parameter (:func:`sharded_state`)."""
+        if self.setup.sharding is None:
+            fit, state = self.decomposition.state_dict(), self.embedding.state_dict()
+        else:
+            fit, state = sharded_state(self.embedding)
+        return {"decomposition": fit, "embedding": state, "fit": dict(self.fit_report)}
+
+    def _packed_numbers(self) -> dict[int, int]:
+        """The base optimizer's state_dict number of each pack -> its tracked index."""
+        where = {id(q): index for index, q in enumerate(self.packs)}
+        order = [q for group in self.optimizer.param_groups for q in group["params"]]
+        return {number: where[id(q)] for number, q in enumerate(order) if id(q) in where}
+
+    def _sharded_envelope(self, envelope: dict) -> dict:
+        """(FSDP2, packed) The base optimizer's ``envelope`` with each pack's per-element state spread over its
+        parameter's shard, as a DTensor shaped like the parameter (see the class)."""
+        state = envelope["state"]
+        for number, index in self._packed_numbers().items():
+            if number in state:
+                state[number] = {key: self._spread(value, index) if _per_element(key, value, self.packs[index])
+                                 else value for key, value in state[number].items()}
+        return envelope
+
+    def _spread(self, values: torch.Tensor, index: int) -> torch.Tensor:
+        """A pack's per-element ``values`` at their elements of tracked parameter ``index``'s shard, 0 elsewhere."""
+        shard = torch.zeros_like(self.embedding.params[index], dtype=values.dtype)
+        _scatter(shard, self.embedding.positions[index], values)
+        return self.setup.sharding.global_view(shard, index)
+
+    def local_envelope(self, envelope: dict) -> dict:
+        """A saved base-optimizer ``envelope`` for this phase's optimizer: under FSDP2 (packed) each pack's
+        DTensor state back at this rank's live elements; otherwise as it is."""
+        state = envelope.get("state")
+        if not (self.packed and self.setup.sharding is not None and isinstance(state, dict)):
+            return envelope
+        state = dict(state)
+        for number, index in self._packed_numbers().items():
+            if isinstance(state.get(number), dict):
+                state[number] = {key: gather(self.setup.local(value), self.embedding.positions[index])
+                                 if is_sharded(value) else value for key, value in state[number].items()}
+        return {**envelope, "state": state}
 
     def report(self) -> dict:
         return {**self.fit_report, "embedded": self.embedding.num_embedded, "packed": self.packed}

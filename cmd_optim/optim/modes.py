@@ -93,7 +93,7 @@ class Modes(Decomposed):
     def build(self, setup: Setup, warmup: WarmupPhase, steps_taken: int) -> ModePhase:
         """The mode phase at the switch: the map of the warm-up's fit (a :class:`SlopeFit` is taken over in
         place), coefficients at zero, SGD momentum projected."""
-        d = self.fit(setup, warmup.recorder, steps_taken, keep=self.keep_decomposition)
+        d, _ = self.fit(setup, warmup.recorder, steps_taken, keep=self.keep_decomposition)
         params = setup.params
         fit = d.slope_fit() if isinstance(d, Decomposition) else d
         profiles = d.profiles
