@@ -88,7 +88,8 @@ class Modes(Decomposed):
         super().check(setup)
         if setup.sharding is not None and self.keep_decomposition:
             raise ValueError("keep_decomposition is not available with FSDP2-sharded parameters (each rank fits only "
-                             "its own shard)")
+                             "its own shard): drop it, or train with DistributedDataParallel, where every rank holds "
+                             "the whole decomposition")
 
     def build(self, setup: Setup, warmup: WarmupPhase, steps_taken: int) -> ModePhase:
         """The mode phase at the switch: the map of the warm-up's fit (a :class:`SlopeFit` is taken over in

@@ -205,11 +205,10 @@ def test_meshes_it_cannot_serve_are_refused_with_the_alternative(runs, case):
     assert "DistributedDataParallel" in outcome
 
 
-def _refused(rank, world, folder, reduction):
-    join(rank, world, folder, reduction)
-    net = sharded()
+def _refused(rank, world, folder):
+    join(rank, world, folder, "keep")
     try:
-        optimizer(net, reduction=reduction)
+        optimizer(sharded(), keep_decomposition=True)
         outcome = "accepted"
     except (TypeError, ValueError) as error:
         outcome = str(error)
@@ -217,11 +216,12 @@ def _refused(rank, world, folder, reduction):
     leave_process_group()
 
 
-@pytest.mark.parametrize("reduction", ["gradual"])
-def test_a_reduction_without_sharded_support_is_refused_with_one_that_runs(tmp_path, reduction):
-    mp.spawn(_refused, args=(1, str(tmp_path), reduction), nprocs=1, join=True)
+def test_keep_decomposition_is_refused_under_fsdp2_with_the_alternative(tmp_path):
+    """Every reduction runs sharded (tests/integrations/test_fsdp_lowrank.py, test_fsdp_gradual.py); keeping the
+    whole decomposition does not (each rank fits its own shard's columns)."""
+    mp.spawn(_refused, args=(1, str(tmp_path)), nprocs=1, join=True)
     outcome = torch.load(tmp_path / "outcome.pt", weights_only=True)
-    assert "FSDP2-sharded parameters" in outcome and "reduction='lowrank'" in outcome  # one that runs
+    assert "keep_decomposition" in outcome and "FSDP2-sharded" in outcome and "DistributedDataParallel" in outcome
 
 
 def test_a_warmup_checkpoint_resumes_on_meshes_of_different_dimension_names(tmp_path):
