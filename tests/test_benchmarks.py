@@ -259,3 +259,23 @@ def test_a_tuned_rate_reaches_every_run_of_the_task_and_leaves_the_others_writte
     assert "'lr': 0.123" in harness.task_table("digits_mlp", records, quick=True, rates=rates)
     written = {n: t.base_kwargs["lr"] for n, t in harness_tasks.TASKS.items()}
     assert harness.retuned({**written, "char_lm": 1.0, "stdlib_lstm": 2.0}) == ["char_lm", "stdlib_lstm"]
+
+
+def test_paired_seeds_take_each_peers_better_rate_and_call_a_gap_only_outside_the_interval():
+    from benchmarks import paired
+
+    def rows(method, losses):
+        return [{"task": "t", "method": method, "seed": s, "val_loss": v} for s, v in enumerate(losses)]
+
+    records = [*rows("default", [1.0, 1.1, 0.9, 1.05]), *rows("galore", [0.9, 1.0, 0.8, 0.95]),
+               *rows("galore_lr4", [1.5, 1.6, 1.4, 1.55]), *rows("lora", [0.1, 0.1, 0.1, float("nan")]),
+               *rows("lora_lr10", [1.2, 0.9, 1.3, 0.8])]
+    best, diffs = paired.differences(records, "t", ("galore", "galore_lr4"))
+    assert best == "galore" and diffs == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    best, diffs = paired.differences(records, "t", ("lora", "lora_lr10"))  # a seed of lora diverged: out
+    assert best == "lora_lr10"
+    mean, low, high = paired.interval(diffs)
+    assert low < 0 < high and mean == pytest.approx(-0.0375)
+    assert paired.verdict(low, high) == "within noise"
+    assert paired.verdict(0.01, 0.2) == "peer ahead" and paired.verdict(-0.2, -0.01) == "CMD ahead"
+    assert paired.differences(records, "t", ("apollo", "apollo_lr4")) is None

@@ -1,0 +1,130 @@
+"""Paired seeds: is the default behind a peer, or within seed noise of it?
+
+    python -m benchmarks.paired [--seeds 10] [--tasks ...] [--report] [--no-write]
+
+Every row of the task harness continues from the same base run's state at the switch, on the same batches,
+so its seeds pair: per task and seed, the default's final validation loss minus that of each peer family at
+its better rate (the one with the lower mean over the seeds, as the harness summary picks it). The section
+gives, per task and family, the mean of that difference, its 95% t-interval over the seeds, and on how many
+seeds the default is ahead; a family is "ahead of CMD" only where the whole interval lies above 0 and
+"behind CMD" only where it lies below. Runs the harness at the tuned base rates (``--tuned-rates``) on the
+small tasks, where ten seeds cost minutes; writes benchmarks/results/harness_paired.json and the "paired"
+section of docs/benchmarks.md. ``--report`` rewrites the section from the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from scipy import stats
+
+from . import harness
+from .report import machine, write_section
+
+RESULTS = Path(__file__).resolve().parent / "results" / "harness_paired.json"
+TASKS = ["digits_mlp", "digits_mlp_late", "digits_bn_cnn", "mnist1d_gru", "mnist1d_gru_late", "mnist1d_rescnn"]
+METHODS = ["full", "default", *(row for rows in harness.FRONTIER.values() for row in rows)]
+
+
+def differences(records: list[dict], task: str, rows: tuple[str, ...]) -> tuple[str, list[float]] | None:
+    """The peer row of ``rows`` with the lower mean loss on ``task``, and the default's loss minus its, per
+    seed the two share (None if neither ran on that task). A row with a seed that diverged or did not run
+    (no finite loss) is out, as in the harness summary."""
+    def losses(method) -> dict[int, float] | None:
+        mine = [r for r in records if r["task"] == task and r["method"] == method]
+        finite = {r["seed"]: r["val_loss"] for r in mine if r.get("val_loss") is not None
+                  and math.isfinite(r["val_loss"])}
+        return finite if mine and len(finite) == len(mine) else None
+
+    mine = losses("default")
+    ran = {row: found for row in rows if (found := losses(row))}
+    if not mine or not ran:
+        return None
+    best = min(ran, key=lambda row: statistics.mean(ran[row].values()))
+    seeds = sorted(set(mine) & set(ran[best]))
+    return best, [mine[s] - ran[best][s] for s in seeds]
+
+
+def interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the ``level`` t-interval of ``values`` (at least two)."""
+    mean = statistics.mean(values)
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def verdict(low: float, high: float) -> str:
+    return "peer ahead" if low > 0 else "CMD ahead" if high < 0 else "within noise"
+
+
+def table(records: list[dict], tasks: list[str]) -> str:
+    """The section's table, then one line per verdict naming its (task, family) pairs."""
+    lines, verdicts = [], {}
+    for task in tasks:
+        for family, rows in harness.FRONTIER.items():
+            found = differences(records, task, rows)
+            if found is None or len(found[1]) < 2:
+                continue
+            row, diffs = found
+            mean, low, high = interval(diffs)
+            verdicts.setdefault(verdict(low, high), []).append(f"{task} ({family})")
+            lines.append(f"| {task} | {family} ({row}) | {len(diffs)} | {mean:+.4f} [{low:+.4f}, {high:+.4f}] | "
+                         f"{sum(d < 0 for d in diffs)}/{len(diffs)} | {verdict(low, high)} |")
+    head = ["| task | peer (better rate) | seeds | default's loss - peer's: mean [95% interval] | seeds CMD ahead | "
+            "verdict |", "|---|---|---|---|---|---|"]
+    counts = [f"- {name}: {len(pairs)} ({', '.join(pairs)})" for name, pairs in sorted(verdicts.items())]
+    return "\n".join([*head, *lines, "", *counts])
+
+
+def report(payload: dict, doc_write: bool = True) -> str:
+    meta, records = payload["meta"], payload["records"]
+    tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
+    seeds = len({r["seed"] for r in records})
+    body = f"""## Paired seeds: behind, or within noise?
+
+Each harness row continues from the same state at the switch on the same batches, so seeds pair: the table
+gives, per task, the default's final validation loss minus the better rate of each peer family, seed by seed
+(negative: CMD lower). A family is "ahead" only where the whole 95% t-interval is on its side. Base rates tuned
+by full training (section "Task harness at tuned base rates"); peers at equal optimizer memory (GaLore, APOLLO)
+and equal trainable numbers (LoRA), as there.
+
+Machine: {meta["machine"]}; commit {meta["commit"]}. Command: `python -m benchmarks.paired --seeds {seeds}`
+({meta["total_s"]:.0f} s).
+
+{table(records, tasks)}
+"""
+    if doc_write:
+        write_section("paired", body)
+    return body
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS)
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--report", action="store_true", help="only rewrite the doc section from the JSON")
+    parser.add_argument("--no-write", action="store_true", help="print the table; write no JSON or doc")
+    args = parser.parse_args(argv)
+    if args.report:
+        payload = json.loads(args.json.read_text())
+    else:
+        rates = harness.base_rates.load_rates()
+        meta = dict(machine=machine(), commit=harness._commit(), rates=rates)
+        start = time.perf_counter()
+        records = harness.measure(args.tasks, METHODS, args.seeds, args.jobs, False, rates=rates)
+        harness.add_recovery(records)
+        payload = dict(meta={**meta, "total_s": time.perf_counter() - start}, records=records)
+        if not args.no_write:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(payload, indent=1))
+    print(report(payload, doc_write=not args.no_write))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
