@@ -91,7 +91,7 @@ gives, per task, the default's final validation loss minus the better rate of ea
 by full training (section "Task harness at tuned base rates"); peers at equal optimizer memory (GaLore, APOLLO)
 and equal trainable numbers (LoRA), as there.
 
-Machine: {meta["machine"]}; commit {meta["commit"]}. Command: `python -m benchmarks.paired --seeds {seeds}`
+Machine: {meta["machine"]}; commit {meta["commit"]}. Command: `{meta.get("command", f"python -m benchmarks.paired --seeds {seeds}")}`
 ({meta["total_s"]:.0f} s).
 
 {table(records, tasks)}
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
         payload = json.loads(args.json.read_text())
     else:
         rates = harness.base_rates.load_rates()
-        meta = dict(machine=machine(), commit=harness._commit(), rates=rates)
+        meta = dict(machine=machine(), commit=harness._commit(), rates=rates,
+                    command=f"python -m benchmarks.paired --seeds {args.seeds} --tasks {' '.join(args.tasks)}")
         start = time.perf_counter()
         records = harness.measure(args.tasks, METHODS, args.seeds, args.jobs, False, rates=rates)
         harness.add_recovery(records)
