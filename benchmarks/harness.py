@@ -47,13 +47,17 @@ CMD_METHODS = {"default": {}, "modes": {"reduction": "modes"},
                "lowrank_no_residual": {"reduction": LowRank(residual=False)},
                "lowrank_share35": {"reduction": LowRank(state_share=0.35)},
                "lowrank_refresh25": {"reduction": LowRank(refresh_every=25)},
-               "lowrank_spectrum": {"reduction": LowRank(allocate="spectrum")}}
+               "lowrank_spectrum": {"reduction": LowRank(allocate="spectrum")},
+               "default_lr025": {}}
+#: CMD rows whose learning rate is scaled at the switch (the warm-up stays the base run's): the default at the
+#: step GaLore's scale 0.25 takes, beside ``full_lr025``, to tell a peer's lead from its step size.
+CMD_LR_SCALE = {"default_lr025": 0.25}
 
 
 @dataclass(frozen=True)
 class Peer:
-    """A peer row: ``family`` galore/apollo/lora, the base rate times ``lr_scale``, LoRA's ``rank`` (None:
-    matched to the default)."""
+    """A peer row: ``family`` galore/apollo/lora (or "full": the base optimizer in full, a baseline at another
+    rate), the base rate times ``lr_scale``, LoRA's ``rank`` (None: matched to the default)."""
     family: str
     lr_scale: float
     rank: int | None = None
@@ -62,7 +66,8 @@ class Peer:
 PEERS = {"galore": Peer("galore", 1), "galore_lr4": Peer("galore", 4),
          "apollo": Peer("apollo", 1), "apollo_lr4": Peer("apollo", 4),
          "lora": Peer("lora", 1), "lora_lr10": Peer("lora", 10),
-         "lora_r8": Peer("lora", 1, 8), "lora_r8_lr10": Peer("lora", 10, 8)}
+         "lora_r8": Peer("lora", 1, 8), "lora_r8_lr10": Peer("lora", 10, 8),
+         "full_lr025": Peer("full", 0.25)}
 METHODS = ["full", *CMD_METHODS, *PEERS]
 DEFAULT_TASKS = ["gpt2_finetune", "minilm_vader", "char_lm", "mnist1d_gru", "mnist1d_gru_late", "digits_bn_cnn",
                  "digits_mlp", "digits_mlp_late"]  # the heaviest first, so that the small ones fill the tail
@@ -116,6 +121,8 @@ def run_cmd(task: tasks.Task, seed: int, method: str, checkpoint: Path) -> list[
     tasks.train(model, optimizer, tasks.load(task.data), seed, 0, task.switch, task.batch)
     base = torch.load(checkpoint)
     difference = max(float((v - base[k]).abs().max()) for k, v in model.state_dict().items() if v.is_floating_point())
+    for group in optimizer.param_groups:
+        group["lr"] *= CMD_LR_SCALE.get(method, 1.0)
     result = _continue(model, optimizer, task, seed)
     return [dict(method=method, **result, state_bytes=optimizer.state_bytes, trainable=optimizer.trainable_dims,
                  warmup_max_diff=difference, reduction=(optimizer.switch_report or {}).get("reduction"))]
@@ -139,6 +146,11 @@ def run_peer(task: tasks.Task, seed: int, method: str, checkpoint: Path, default
     model = tasks.build(task, seed)
     model.load_state_dict(torch.load(checkpoint))
     kwargs = {**task.base_kwargs, "lr": task.base_kwargs["lr"] * peer.lr_scale}
+    if peer.family == "full":
+        optimizer = task.optimizer_class(model.parameters(), **kwargs)
+        n = sum(p.numel() for p in model.parameters())
+        return [dict(method=method, **_continue(model, optimizer, task, seed), state_bytes=peers.state_bytes(optimizer),
+                     trainable=n)]
     if peer.family == "lora":
         rank = peer.rank or peers.rank_like(model, task.lora_save, default["trainable"])
         model = peers.lora(model, rank, task.lora_save)

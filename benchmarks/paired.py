@@ -27,26 +27,34 @@ from .report import machine, write_section
 
 RESULTS = Path(__file__).resolve().parent / "results" / "harness_paired.json"
 TASKS = ["digits_mlp", "digits_mlp_late", "digits_bn_cnn", "mnist1d_gru", "mnist1d_gru_late", "mnist1d_rescnn"]
-METHODS = ["full", "default", *(row for rows in harness.FRONTIER.values() for row in rows)]
+#: what the default is compared with: each peer family's two rates, and the base trained in full at x1 and x0.25
+FAMILIES = {**harness.FRONTIER, "full training": ("full", "full_lr025")}
+#: the default's rows: at the user's rate; and given two rates as the peers are (x1 and x0.25, the step GaLore's
+#: scale 0.25 takes at its x1)
+CMD_ROWS = {"default at the base rate": ("default",), "default, better of x1 and x0.25": ("default", "default_lr025")}
+METHODS = [*dict.fromkeys(row for rows in (*FAMILIES.values(), *CMD_ROWS.values()) for row in rows)]
 
 
-def differences(records: list[dict], task: str, rows: tuple[str, ...]) -> tuple[str, list[float]] | None:
-    """The peer row of ``rows`` with the lower mean loss on ``task``, and the default's loss minus its, per
-    seed the two share (None if neither ran on that task). A row with a seed that diverged or did not run
-    (no finite loss) is out, as in the harness summary."""
+def differences(records: list[dict], task: str, rows: tuple[str, ...],
+                mine_rows: tuple[str, ...] = ("default",)) -> tuple[str, str, list[float]] | None:
+    """The row of ``mine_rows`` and the peer row of ``rows`` with the lower mean loss on ``task`` each, and the
+    first's loss minus the second's per seed they share (None if either side did not run on that task). A row
+    with a seed that diverged or did not run (no finite loss) is out, as in the harness summary."""
     def losses(method) -> dict[int, float] | None:
         mine = [r for r in records if r["task"] == task and r["method"] == method]
         finite = {r["seed"]: r["val_loss"] for r in mine if r.get("val_loss") is not None
                   and math.isfinite(r["val_loss"])}
         return finite if mine and len(finite) == len(mine) else None
 
-    mine = losses("default")
-    ran = {row: found for row in rows if (found := losses(row))}
-    if not mine or not ran:
+    def better(candidates) -> str | None:
+        ran = {row: found for row in candidates if (found := losses(row))}
+        return min(ran, key=lambda row: statistics.mean(ran[row].values())) if ran else None
+
+    mine, best = better(mine_rows), better(rows)
+    if mine is None or best is None:
         return None
-    best = min(ran, key=lambda row: statistics.mean(ran[row].values()))
-    seeds = sorted(set(mine) & set(ran[best]))
-    return best, [mine[s] - ran[best][s] for s in seeds]
+    ours, theirs = losses(mine), losses(best)
+    return mine, best, [ours[s] - theirs[s] for s in sorted(set(ours) & set(theirs))]
 
 
 def interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -62,26 +70,31 @@ def verdict(low: float, high: float) -> str:
 
 def table(records: list[dict], tasks: list[str]) -> str:
     """The section's table, then one line per verdict naming its (task, family) pairs."""
-    lines, verdicts = [], {}
-    for task in tasks:
-        for family, rows in harness.FRONTIER.items():
-            found = differences(records, task, rows)
-            if found is None or len(found[1]) < 2:
-                continue
-            row, diffs = found
-            mean, low, high = interval(diffs)
-            verdicts.setdefault(verdict(low, high), []).append(f"{task} ({family})")
-            lines.append(f"| {task} | {family} ({row}) | {len(diffs)} | {mean:+.4f} [{low:+.4f}, {high:+.4f}] | "
-                         f"{sum(d < 0 for d in diffs)}/{len(diffs)} | {verdict(low, high)} |")
-    head = ["| task | peer (better rate) | seeds | default's loss - peer's: mean [95% interval] | seeds CMD ahead | "
-            "verdict |", "|---|---|---|---|---|---|"]
-    counts = [f"- {name}: {len(pairs)} ({', '.join(pairs)})" for name, pairs in sorted(verdicts.items())]
-    return "\n".join([*head, *lines, "", *counts])
+    blocks = []
+    for title, mine_rows in CMD_ROWS.items():
+        lines, verdicts = [], {}
+        for task in tasks:
+            for family, rows in FAMILIES.items():
+                found = differences(records, task, rows, mine_rows)
+                if found is None or len(found[2]) < 2:
+                    continue
+                mine, row, diffs = found
+                mean, low, high = interval(diffs)
+                verdicts.setdefault(verdict(low, high), []).append(f"{task} ({family})")
+                lines.append(f"| {task} | {mine} | {family} ({row}) | {len(diffs)} | {mean:+.4f} [{low:+.4f}, "
+                             f"{high:+.4f}] | {sum(d < 0 for d in diffs)}/{len(diffs)} | {verdict(low, high)} |")
+        if not lines:
+            continue
+        head = [f"**{title}.**", "", "| task | CMD row | compared with (better rate) | seeds | CMD's loss - theirs: mean "
+                "[95% interval] | seeds CMD ahead | verdict |", "|---|---|---|---|---|---|---|"]
+        counts = [f"- {name}: {len(pairs)} ({', '.join(pairs)})" for name, pairs in sorted(verdicts.items())]
+        blocks.append("\n".join([*head, *lines, "", *counts]))
+    return "\n\n".join(blocks)
 
 
 def report(payload: dict, doc_write: bool = True) -> str:
     meta, records = payload["meta"], payload["records"]
-    tasks = [t for t in TASKS if any(r["task"] == t for r in records)]
+    tasks = list(dict.fromkeys(r["task"] for r in records))
     seeds = len({r["seed"] for r in records})
     body = f"""## Paired seeds: behind, or within noise?
 

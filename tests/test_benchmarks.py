@@ -270,12 +270,16 @@ def test_paired_seeds_take_each_peers_better_rate_and_call_a_gap_only_outside_th
     records = [*rows("default", [1.0, 1.1, 0.9, 1.05]), *rows("galore", [0.9, 1.0, 0.8, 0.95]),
                *rows("galore_lr4", [1.5, 1.6, 1.4, 1.55]), *rows("lora", [0.1, 0.1, 0.1, float("nan")]),
                *rows("lora_lr10", [1.2, 0.9, 1.3, 0.8])]
-    best, diffs = paired.differences(records, "t", ("galore", "galore_lr4"))
-    assert best == "galore" and diffs == pytest.approx([0.1, 0.1, 0.1, 0.1])
-    best, diffs = paired.differences(records, "t", ("lora", "lora_lr10"))  # a seed of lora diverged: out
+    mine, best, diffs = paired.differences(records, "t", ("galore", "galore_lr4"))
+    assert (mine, best) == ("default", "galore") and diffs == pytest.approx([0.1, 0.1, 0.1, 0.1])
+    mine, best, diffs = paired.differences(records, "t", ("lora", "lora_lr10"))  # a seed of lora diverged: out
     assert best == "lora_lr10"
     mean, low, high = paired.interval(diffs)
     assert low < 0 < high and mean == pytest.approx(-0.0375)
     assert paired.verdict(low, high) == "within noise"
     assert paired.verdict(0.01, 0.2) == "peer ahead" and paired.verdict(-0.2, -0.01) == "CMD ahead"
     assert paired.differences(records, "t", ("apollo", "apollo_lr4")) is None
+    # the default given two rates as well: its better one is taken
+    records += rows("default_lr025", [0.8, 0.9, 0.7, 0.85])
+    mine, best, diffs = paired.differences(records, "t", ("galore", "galore_lr4"), ("default", "default_lr025"))
+    assert mine == "default_lr025" and diffs == pytest.approx([-0.1, -0.1, -0.1, -0.1])
