@@ -147,7 +147,10 @@ def test_two_sharded_ranks_embed_and_train_as_one_process(runs, references, base
         assert torch.equal(whole["embedded"], reference["embedded"])
         assert whole["num_embedded"] == int(reference["embedded"].sum()) > 0.7 * reference["embedded"].numel()
         assert whole["trainable_dims"] == reference["trainable_dims"]
-        assert whole["report"] == pytest.approx(reference["report"], rel=1e-5)
+        floats = [k for k, v in reference["report"].items() if isinstance(v, float)]
+        assert {k: v for k, v in whole["report"].items() if k not in floats} == \
+            {k: v for k, v in reference["report"].items() if k not in floats}
+        assert [whole["report"][k] for k in floats] == pytest.approx([reference["report"][k] for k in floats], rel=1e-5)
         for p, q in zip(whole["params"], reference["params"]):
             torch.testing.assert_close(p, q, atol=1e-4, rtol=0)
 
