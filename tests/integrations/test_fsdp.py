@@ -39,15 +39,15 @@ def join(rank, world, folder, run):
     torch.set_num_threads(1)
 
 
-def sharded(pattern="one mesh"):
-    """The model under fully_shard on each Linear and then on the root: with one mesh passed to every call,
-    or ("per block") without a mesh, as torch's FSDP2 docs write it (each call makes a DeviceMesh object of
-    its own, over the same ranks)."""
+def sharded(pattern="one mesh", build=None):
+    """The model (``build()``, default :func:`model`) under fully_shard on each Linear and then on the root:
+    with one mesh passed to every call, or ("per block") without a mesh, as torch's FSDP2 docs write it (each
+    call makes a DeviceMesh object of its own, over the same ranks)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),)) if pattern == "one mesh" else None
-    net = model()
+    net = (build or model)()
     for layer in net:
         if isinstance(layer, nn.Linear):
             fully_shard(layer, mesh=mesh)

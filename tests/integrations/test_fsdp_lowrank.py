@@ -14,7 +14,8 @@ from torch import nn
 from benchmarks import datasets
 from benchmarks.processes import leave_process_group
 from cmd_optim import CMDOptimizer, LowRank
-from tests.integrations.test_fsdp import WORLD, join, shares
+from tests.integrations import test_fsdp as fsdp_test
+from tests.integrations.test_fsdp import WORLD, join, shares, train
 
 STEPS, SWITCH, REFRESH = 45, 20, 5
 SAVES = (10, 20, 32)  # in the warm-up, at the switch, mid-window after two refreshes
@@ -36,24 +37,7 @@ def optimizer(net, run):
 
 
 def sharded(pattern):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh("cpu", (WORLD,)) if pattern == "one mesh" else None
-    net = model()
-    for layer in net:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer, mesh=mesh)
-    fully_shard(net, mesh=mesh)
-    return net
-
-
-def train(net, opt, data, start, stop, rank):
-    for step in range(start, stop):
-        x, y = shares(step, data)[rank]
-        nn.functional.cross_entropy(net(x), y).backward()
-        opt.step()
-        opt.zero_grad()
+    return fsdp_test.sharded(pattern, build=model)
 
 
 def _core_rows(opt):
