@@ -65,8 +65,9 @@ class Task:
         return (torch.optim.SGD, self.sgd) if kind == "SGD" else (torch.optim.AdamW, self.adamw)
 
 
-def _mlp():
-    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+def _mlp(width: int = 256):
+    """The digits MLP: 64 inputs, two hidden layers of ``width``, 10 classes."""
+    return nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 10))
 
 
 def _cnn():
