@@ -63,6 +63,38 @@ def train(net, opt, data, start, stop, rank):
         opt.zero_grad()
 
 
+def save_checkpoint(net, opt, prefix, stop):
+    """The sharded model (DCP) and optimizer (``cmd_optim.integrations.fsdp``) at ``{prefix}-model-{stop}`` and
+    ``{prefix}-optimizer-{stop}``."""
+    import torch.distributed.checkpoint as dcp
+
+    from cmd_optim.integrations import fsdp
+
+    dcp.save(net.state_dict(), checkpoint_id=f"{prefix}-model-{stop}")
+    fsdp.save(opt, f"{prefix}-optimizer-{stop}")
+
+
+def load_checkpoint(net, opt, prefix, stop):
+    """What :func:`save_checkpoint` wrote, into a freshly built model and optimizer."""
+    import torch.distributed.checkpoint as dcp
+
+    from cmd_optim.integrations import fsdp
+
+    state = net.state_dict()
+    dcp.load(state, checkpoint_id=f"{prefix}-model-{stop}")
+    net.load_state_dict(state)
+    fsdp.load(opt, f"{prefix}-optimizer-{stop}")
+
+
+def one_process_step(net, opt, data, step):
+    """One step in one process on the ranks' shares: the loss their mean, as FSDP averages the gradient (the
+    rounding then matches)."""
+    losses = [nn.functional.cross_entropy(net(x), y) for x, y in shares(step, data)]
+    (sum(losses) / WORLD).backward()
+    opt.step()
+    opt.zero_grad()
+
+
 # and the files' names. "per block" first: torch may hand a later DTensor an earlier, equal mesh object
 PATTERNS = {"per block": "per-block", "one mesh": "one-mesh"}
 
@@ -70,9 +102,7 @@ PATTERNS = {"per block": "per-block", "one mesh": "one-mesh"}
 def whole_run(rank, world, folder):
     """Train under each pattern, saving sharded checkpoints in the warm-up (step 20) and in the reduced phase
     (step 40); then the meshes CMDOptimizer refuses."""
-    import torch.distributed.checkpoint as dcp
 
-    from cmd_optim.integrations import fsdp
 
     join(rank, world, folder, "whole")
     data = datasets.digits(seed=0)
@@ -83,8 +113,7 @@ def whole_run(rank, world, folder):
         for start, stop in ((0, 20), (20, 40), (40, STEPS)):
             train(net, opt, data, start, stop, rank)
             if stop in (20, 40):
-                dcp.save(net.state_dict(), checkpoint_id=os.path.join(folder, f"{name}-model-{stop}"))
-                fsdp.save(opt, os.path.join(folder, f"{name}-optimizer-{stop}"))
+                save_checkpoint(net, opt, os.path.join(folder, name), stop)
         full = [p.full_tensor().detach() for p in net.parameters()]
         if rank == 0:
             torch.save({"params": full, "report": opt.switch_report, "phase": opt.phase,
@@ -124,19 +153,14 @@ RESUMED = [("per block", 40), ("one mesh", 20), ("one mesh", 40)]
 def resumed_runs(rank, world, folder):
     """Each checkpoint into a freshly built model and optimizer (in its warm-up), trained to the end; new
     processes, one process group for all of them."""
-    import torch.distributed.checkpoint as dcp
 
-    from cmd_optim.integrations import fsdp
 
     join(rank, world, folder, "resumed")
     for pattern, stop in RESUMED:
         name = PATTERNS[pattern]
         net = sharded(pattern)
         opt = optimizer(net)
-        state = net.state_dict()
-        dcp.load(state, checkpoint_id=os.path.join(folder, f"{name}-model-{stop}"))
-        net.load_state_dict(state)
-        fsdp.load(opt, os.path.join(folder, f"{name}-optimizer-{stop}"))
+        load_checkpoint(net, opt, os.path.join(folder, name), stop)
         assert opt.steps_taken == stop and opt.phase == ("warmup" if stop < SWITCH else "reduced")
         train(net, opt, datasets.digits(seed=0), stop, STEPS, rank)
         full = [p.full_tensor().detach() for p in net.parameters()]
@@ -153,10 +177,7 @@ def one_process():
     net = model()
     opt = optimizer(net)
     for step in range(STEPS):
-        losses = [nn.functional.cross_entropy(net(x), y) for x, y in shares(step, data)]
-        (sum(losses) / WORLD).backward()
-        opt.step()
-        opt.zero_grad()
+        one_process_step(net, opt, data, step)
     return [p.detach() for p in net.parameters()], opt.switch_report
 
 

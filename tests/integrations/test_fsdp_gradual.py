@@ -8,12 +8,20 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch import nn
 
 from benchmarks import datasets
 from benchmarks.processes import leave_process_group
 from cmd_optim import CMDOptimizer, Gradual
-from tests.integrations.test_fsdp import PATTERNS, join, model, sharded, shares, train
+from tests.integrations.test_fsdp import (
+    PATTERNS,
+    join,
+    load_checkpoint,
+    model,
+    one_process_step,
+    save_checkpoint,
+    sharded,
+    train,
+)
 
 # a snapshot every 5 steps and a round at each one: rounds after steps 35, 40, 45 and 50
 STEPS, SWITCH, WORLD, MODES = 50, 30, 2, 4
@@ -55,10 +63,6 @@ def counting_all_reduces():
 
 
 def whole_run(rank, world, folder):
-    import torch.distributed.checkpoint as dcp
-
-    from cmd_optim.integrations import fsdp
-
     join(rank, world, folder, "whole")
     calls = counting_all_reduces()
     data = datasets.digits(seed=0)
@@ -72,9 +76,7 @@ def whole_run(rank, world, folder):
             collectives[step + 1] = calls[before:]
             state_bytes[step + 1] = opt.state_bytes
             if step + 1 in CHECKPOINTS:
-                prefix = os.path.join(folder, name(base, pattern))
-                dcp.save(net.state_dict(), checkpoint_id=f"{prefix}-model-{step + 1}")
-                fsdp.save(opt, f"{prefix}-optimizer-{step + 1}")
+                save_checkpoint(net, opt, os.path.join(folder, name(base, pattern)), step + 1)
         full = [p.full_tensor().detach() for p in net.parameters()]
         embedded = whole_embedded(opt)
         torch.save({"params": full, "embedded": embedded, "num_embedded": opt.embedding.num_embedded,
@@ -84,18 +86,11 @@ def whole_run(rank, world, folder):
 
 
 def resumed_runs(rank, world, folder):
-    import torch.distributed.checkpoint as dcp
-
-    from cmd_optim.integrations import fsdp
-
     join(rank, world, folder, "resumed")
     for base, pattern, stop in RESUMED:
         net = sharded(pattern)
         opt = optimizer(net, base)
-        state = net.state_dict()
-        dcp.load(state, checkpoint_id=os.path.join(folder, f"{name(base, pattern)}-model-{stop}"))
-        net.load_state_dict(state)
-        fsdp.load(opt, os.path.join(folder, f"{name(base, pattern)}-optimizer-{stop}"))
+        load_checkpoint(net, opt, os.path.join(folder, name(base, pattern)), stop)
         assert opt.steps_taken == stop and opt.phase == ("warmup" if stop < SWITCH else "reduced")
         train(net, opt, datasets.digits(seed=0), stop, STEPS, rank)
         full = [p.full_tensor().detach() for p in net.parameters()]
@@ -112,10 +107,7 @@ def one_process(base):
     opt = optimizer(net, base)
     state_bytes = {}
     for step in range(STEPS):
-        losses = [nn.functional.cross_entropy(net(x), y) for x, y in shares(step, data)]
-        (sum(losses) / WORLD).backward()
-        opt.step()
-        opt.zero_grad()
+        one_process_step(net, opt, data, step)
         state_bytes[step + 1] = opt.state_bytes
     return {"params": [p.detach() for p in net.parameters()], "embedded": opt.embedding.embedded.clone(),
             "trainable_dims": opt.trainable_dims, "state_bytes": state_bytes, "report": opt.switch_report}

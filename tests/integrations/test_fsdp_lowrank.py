@@ -15,7 +15,7 @@ from benchmarks import datasets
 from benchmarks.processes import leave_process_group
 from cmd_optim import CMDOptimizer, LowRank
 from tests.integrations import test_fsdp as fsdp_test
-from tests.integrations.test_fsdp import WORLD, join, shares, train
+from tests.integrations.test_fsdp import WORLD, join, train
 
 STEPS, SWITCH, REFRESH = 45, 20, 5
 SAVES = (10, 20, 32)  # in the warm-up, at the switch, mid-window after two refreshes
@@ -49,9 +49,7 @@ def _core_rows(opt):
 def sharded_runs(rank, world, folder):
     """Each run trained through the switch, saved at each of ``SAVES``, then resumed from each checkpoint in a
     freshly built model and optimizer."""
-    import torch.distributed.checkpoint as dcp
 
-    from cmd_optim.integrations import fsdp
 
     join(rank, world, folder, "lowrank")
     data = datasets.digits(seed=0)
@@ -61,8 +59,7 @@ def sharded_runs(rank, world, folder):
         opt = optimizer(net, run)
         for start, stop in zip((0, *SAVES), SAVES):
             train(net, opt, data, start, stop, rank)
-            dcp.save(net.state_dict(), checkpoint_id=os.path.join(folder, f"{run}-model-{stop}"))
-            fsdp.save(opt, os.path.join(folder, f"{run}-optimizer-{stop}"))
+            fsdp_test.save_checkpoint(net, opt, os.path.join(folder, run), stop)
         train(net, opt, data, SAVES[-1], STEPS, rank)
         states = _core_rows(opt)
         base, settings, _ = RUNS[run]
@@ -75,10 +72,7 @@ def sharded_runs(rank, world, folder):
         for stop in SAVES:
             resumed = sharded(pattern)
             resumed_opt = optimizer(resumed, run)
-            state = resumed.state_dict()
-            dcp.load(state, checkpoint_id=os.path.join(folder, f"{run}-model-{stop}"))
-            resumed.load_state_dict(state)
-            fsdp.load(resumed_opt, os.path.join(folder, f"{run}-optimizer-{stop}"))
+            fsdp_test.load_checkpoint(resumed, resumed_opt, os.path.join(folder, run), stop)
             assert resumed_opt.phase == ("warmup" if stop < SWITCH else "reduced")
             train(resumed, resumed_opt, data, stop, STEPS, rank)
             record["resumed"][stop] = [p.full_tensor().detach() for p in resumed.parameters()]
@@ -93,10 +87,7 @@ def one_process(run):
     net = model()
     opt = optimizer(net, run)
     for step in range(STEPS):
-        losses = [nn.functional.cross_entropy(net(x), y) for x, y in shares(step, data)]
-        (sum(losses) / WORLD).backward()
-        opt.step()
-        opt.zero_grad()
+        fsdp_test.one_process_step(net, opt, data, step)
     return [p.detach() for p in net.parameters()], opt.switch_report
 
 
