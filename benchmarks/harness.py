@@ -27,7 +27,7 @@ import tempfile
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -77,9 +77,11 @@ QUICK_TASKS = ["digits_mlp", "mnist1d_gru"]
 HELD_OUT_TASKS = ["stdlib_lstm", "digits_vit", "mnist1d_rescnn"]
 
 
-def task_of(name: str, quick: bool, rates: dict[str, float] | None = None) -> tasks.Task:
-    """The task (at its tuned base rate from ``rates``, if given; shortened with ``quick``)."""
+def task_of(name: str, quick: bool, rates: dict[str, float] | None = None, schedule: str = "constant") -> tasks.Task:
+    """The task (at its tuned base rate from ``rates``, if given; on the learning-rate ``schedule``; shortened
+    with ``quick``)."""
     task = base_rates.tuned(name, rates) if rates else tasks.TASKS[name]
+    task = task if schedule == task.schedule else replace(task, schedule=schedule)
     return tasks.quick(task) if quick else task
 
 
@@ -88,7 +90,8 @@ def task_of(name: str, quick: bool, rates: dict[str, float] | None = None) -> ta
 def _continue(model, optimizer, task, seed) -> dict:
     """Steps W..T on the seed's batches: validation metrics, wall seconds, the step that diverged (if one)."""
     start = time.perf_counter()
-    diverged = tasks.train(model, optimizer, tasks.load(task.data), seed, task.switch, task.steps, task.batch)
+    diverged = tasks.train(model, optimizer, tasks.load(task.data), seed, task.switch, task.steps, task.batch,
+                           task.lr_factor)
     return dict(**tasks.evaluate(model, tasks.load(task.data)), wall_s=time.perf_counter() - start,
                 diverged_at=diverged)
 
@@ -103,7 +106,7 @@ def run_base(task: tasks.Task, seed: int, checkpoint: Path) -> list[dict]:
     """The base optimizer to W (the "switch" row; its weights saved to ``checkpoint``) and on to T ("full")."""
     model, data = tasks.build(task, seed), tasks.load(task.data)
     optimizer = task.optimizer_class(model.parameters(), **task.base_kwargs)
-    tasks.train(model, optimizer, data, seed, 0, task.switch, task.batch)
+    tasks.train(model, optimizer, data, seed, 0, task.switch, task.batch, task.lr_factor)
     switch = dict(method="switch", **tasks.evaluate(model, data), state_bytes=None, trainable=0, wall_s=0.0)
     torch.save(model.state_dict(), checkpoint)
     n = sum(p.numel() for p in model.parameters())
@@ -118,11 +121,10 @@ def run_cmd(task: tasks.Task, seed: int, method: str, checkpoint: Path) -> list[
     model = tasks.build(task, seed)
     optimizer = CMDOptimizer(model, base=task.optimizer_class, switch_after=task.switch, seed=seed,
                              **task.base_kwargs, **CMD_METHODS[method])
-    tasks.train(model, optimizer, tasks.load(task.data), seed, 0, task.switch, task.batch)
+    tasks.train(model, optimizer, tasks.load(task.data), seed, 0, task.switch, task.batch, task.lr_factor)
     base = torch.load(checkpoint)
     difference = max(float((v - base[k]).abs().max()) for k, v in model.state_dict().items() if v.is_floating_point())
-    for group in optimizer.param_groups:
-        group["lr"] *= CMD_LR_SCALE.get(method, 1.0)
+    tasks.set_peak_rate(optimizer, CMD_LR_SCALE.get(method, 1.0))
     result = _continue(model, optimizer, task, seed)
     return [dict(method=method, **result, state_bytes=optimizer.state_bytes, trainable=optimizer.trainable_dims,
                  warmup_max_diff=difference, reduction=(optimizer.switch_report or {}).get("reduction"))]
@@ -168,9 +170,9 @@ def run_peer(task: tasks.Task, seed: int, method: str, checkpoint: Path, default
 
 
 def run_unit(name: str, method: str, seed: int, quick: bool, folder: str, default: dict | None,
-             rates: dict[str, float] | None = None) -> list[dict]:
+             rates: dict[str, float] | None = None, schedule: str = "constant") -> list[dict]:
     """One independent run (``method`` "base": the switch and full rows) as records tagged with task and seed."""
-    task, checkpoint = task_of(name, quick, rates), Path(folder) / f"{name}_{seed}.pt"
+    task, checkpoint = task_of(name, quick, rates, schedule), Path(folder) / f"{name}_{seed}.pt"
     start = time.perf_counter()
     if method == "base":
         rows = run_base(task, seed, checkpoint)
@@ -206,10 +208,11 @@ class _Inline:
 
 
 def measure(names: list[str], methods: list[str], seeds: int, jobs: int, quick: bool, on_update=None,
-            rates: dict[str, float] | None = None) -> list[dict]:
+            rates: dict[str, float] | None = None, schedule: str = "constant") -> list[dict]:
     """Every (task, method, seed) run; CMD rows after the base run of their seed, peers after its default.
     ``on_update(records)`` after each finished unit. Failed units give records with an ``error``. ``rates``:
-    the tasks' tuned base rates (:mod:`benchmarks.base_rates`), else their written ones."""
+    the tasks' tuned base rates (:mod:`benchmarks.base_rates`), else their written ones; ``schedule``: the
+    learning-rate schedule of every row (``harness_tasks.SCHEDULES``)."""
     cmd = [m for m in methods if m in CMD_METHODS]
     peer = [m for m in methods if m in PEERS]
     cmd = cmd if not peer or "default" in cmd else ["default", *cmd]
@@ -228,7 +231,7 @@ def measure(names: list[str], methods: list[str], seeds: int, jobs: int, quick: 
                 unit = ready[0]
                 pending.remove(unit)
                 default = next((r for r in records if (r["task"], r["method"], r["seed"]) == needs(unit)), None)
-                running[pool.submit(run_unit, *unit, quick, folder, default, rates)] = unit
+                running[pool.submit(run_unit, *unit, quick, folder, default, rates, schedule)] = unit
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 unit = running.pop(future)
@@ -491,21 +494,28 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--report", action="store_true", help="only rewrite the doc and plot from the JSON")
     parser.add_argument("--tuned-rates", action="store_true", help="every task at the base rate full training chose "
                         f"({base_rates.RESULTS.name}), the held-out tasks included, into {TUNED.results.name}")
+    parser.add_argument("--schedule", choices=tasks.SCHEDULES, default="constant",
+                        help="every row's learning-rate schedule over the run (linear: to 0 at the last step, with "
+                             "--tuned-rates at the rates full training chose on it); writes no doc section")
     args = parser.parse_args(argv)
+    if args.schedule != "constant" and not (args.no_write or args.json):
+        parser.error("--schedule linear writes no doc section: give --json or --no-write")
     section = TUNED if args.tuned_rates else HELD_OUT if args.held_out else HARNESS
     path = args.json or (None if args.no_write else section.results)
     if args.report:
         report(json.loads((args.json or section.results).read_text()), section)
         return {}
-    rates = base_rates.load_rates() if args.tuned_rates else None
+    rates = base_rates.load_rates(args.schedule) if args.tuned_rates else None
     names = HELD_OUT_TASKS if args.held_out else args.tasks or (
         QUICK_TASKS if args.quick else retuned(rates) if args.tuned_rates else DEFAULT_TASKS)
     command = "python -m benchmarks.harness" + (" --tuned-rates" if args.tuned_rates else "") + (
         " --held-out" if args.held_out else "") + (
         " --quick" if args.quick else "") + (
         f" --tasks {' '.join(names)}" if args.tasks else "") + (
-        f" --methods {' '.join(args.methods)}" if args.methods != METHODS else "") + f" --seeds {args.seeds}"
-    meta = dict(machine=machine(), commit=_commit(), command=command, quick=args.quick, total_s=0.0, rates=rates)
+        f" --methods {' '.join(args.methods)}" if args.methods != METHODS else "") + (
+        f" --schedule {args.schedule}" if args.schedule != "constant" else "") + f" --seeds {args.seeds}"
+    meta = dict(machine=machine(), commit=_commit(), command=command, quick=args.quick, total_s=0.0, rates=rates,
+                schedule=args.schedule)
     start = time.perf_counter()
 
     def save(records):
@@ -515,14 +525,15 @@ def main(argv: list[str] | None = None) -> dict:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
 
-    records = measure(names, args.methods, args.seeds, args.jobs, args.quick, on_update=save, rates=rates)
+    records = measure(names, args.methods, args.seeds, args.jobs, args.quick, on_update=save, rates=rates,
+                      schedule=args.schedule)
     add_recovery(records)
     meta["total_s"] = time.perf_counter() - start
     save(records)
     payload = dict(meta=meta, records=records)
     print("\n".join(task_table(n, records, args.quick, rates) for n in tasks.TASKS if n in names))
     print(f"total {meta['total_s']:.0f} s")
-    if not args.no_write:
+    if not args.no_write and args.schedule == "constant":
         report(payload, section)
     return payload
 

@@ -312,6 +312,12 @@ class Task:
     batch: int
     lora_save: tuple[str, ...] = ()
     pretrain: Pretrain | None = None
+    schedule: str = "constant"
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at ``step`` over its peak: 1 ("constant"), or falling linearly from 1 at step 0 to 0
+        at ``steps`` ("linear", the Hugging Face Trainer's default schedule without warm-up)."""
+        return 1.0 if self.schedule == "constant" else max(0.0, (self.steps - step) / self.steps)
 
     @property
     def optimizer_class(self) -> type[torch.optim.Optimizer]:
@@ -359,6 +365,9 @@ TASKS = {
 }
 
 
+SCHEDULES = ("constant", "linear")
+
+
 def quick(task: Task) -> Task:
     """A smoke configuration of ``task``: 40 steps, the switch at 20, batches of at most 16, 10 pretraining steps."""
     pretrain = task.pretrain and dataclasses.replace(task.pretrain, steps=10)
@@ -383,13 +392,28 @@ def batch_at(data: Examples | Stream, seed: int, step: int, size: int):
     return data.batch(torch.Generator().manual_seed(seed * 100_003 + step), size)
 
 
-def train(model: nn.Module, optimizer, data: Examples | Stream, seed: int, start: int, stop: int, batch: int):
+def set_peak_rate(optimizer, factor: float = 1.0) -> None:
+    """Record each parameter group's peak rate (``initial_lr``, as torch's schedulers name it) from its ``lr``,
+    times ``factor``; :func:`train` sets ``lr`` from it at every step."""
+    for group in optimizer.param_groups:
+        group["initial_lr"] = group.get("initial_lr", group["lr"]) * factor
+        group["lr"] *= factor
+
+
+def train(model: nn.Module, optimizer, data: Examples | Stream, seed: int, start: int, stop: int, batch: int,
+          lr_factor: Callable[[int], float] | None = None):
     """Steps ``start .. stop-1`` on the batches of ``(seed, step)``; returns the first step whose loss was not
     finite (training stops there), else None. Dropout's RNG is reseeded at ``start`` so that every method
-    continued from a switch sees the same masks."""
+    continued from a switch sees the same masks. ``lr_factor(step)``: each group's rate at ``step`` is its
+    peak (:func:`set_peak_rate`, the group's rate when first trained) times it; None leaves the rates alone."""
     torch.manual_seed(seed * 1_000_003 + start)
     model.train()
+    if lr_factor is not None:
+        set_peak_rate(optimizer)
     for step in range(start, stop):
+        if lr_factor is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * lr_factor(step)
         x, y = batch_at(data, seed, step, batch)
         loss = loss_of(model, x, y)
         if not torch.isfinite(loss):

@@ -1,6 +1,6 @@
 """Paired seeds: is the default behind a peer, or within seed noise of it?
 
-    python -m benchmarks.paired [--seeds 10] [--tasks ...] [--report] [--no-write]
+    python -m benchmarks.paired [--seeds 10] [--tasks ...] [--schedule linear] [--report] [--no-write]
 
 Every row of the task harness continues from the same base run's state at the switch, on the same batches,
 so its seeds pair: per task and seed, the default's final validation loss minus that of each peer family at
@@ -9,7 +9,10 @@ gives, per task and family, the mean of that difference, its 95% t-interval over
 seeds the default is ahead; a family is "ahead of CMD" only where the whole interval lies above 0 and
 "behind CMD" only where it lies below. Runs the harness at the tuned base rates (``--tuned-rates``) on the
 small tasks, where ten seeds cost minutes; writes benchmarks/results/harness_paired.json and the "paired"
-section of docs/benchmarks.md. ``--report`` rewrites the section from the JSON.
+section of docs/benchmarks.md. ``--report`` rewrites the section from the JSON. ``--schedule linear``: every
+row's rate decays linearly to 0 at the last step (the Hugging Face Trainer's default), from the peak rates full
+training chose on that schedule (``python -m benchmarks.base_rates --schedule linear``), into
+benchmarks/results/harness_paired_linear.json and the "paired-linear" section.
 """
 from __future__ import annotations
 
@@ -92,17 +95,26 @@ def table(records: list[dict], tasks: list[str]) -> str:
     return "\n\n".join(blocks)
 
 
+def results_of(schedule: str = "constant") -> Path:
+    """The JSON of a run on ``schedule`` (the constant rate's: :data:`RESULTS`)."""
+    return RESULTS if schedule == "constant" else RESULTS.with_name(f"harness_paired_{schedule}.json")
+
+
 def report(payload: dict, doc_write: bool = True) -> str:
     meta, records = payload["meta"], payload["records"]
     tasks = list(dict.fromkeys(r["task"] for r in records))
     seeds = len({r["seed"] for r in records})
-    body = f"""## Paired seeds: behind, or within noise?
+    schedule = meta.get("schedule", "constant")
+    title, rates = ("", "Base rates tuned\nby full training (section \"Task harness at tuned base rates\")") if schedule == "constant" else (
+        f", {schedule} decay", f"Every row's rate decays {schedule}ly to 0 at the last step (the Hugging Face\n"
+        f"Trainer's default), from the peak rates full training chose on that schedule (section \"Base rates chosen\n"
+        f"by full training, {schedule} decay\")")
+    body = f"""## Paired seeds{title}: behind, or within noise?
 
 Each harness row continues from the same state at the switch on the same batches, so seeds pair: the table
 gives, per task, the default's final validation loss minus the better rate of each peer family, seed by seed
-(negative: CMD lower). A family is "ahead" only where the whole 95% t-interval is on its side. Base rates tuned
-by full training (section "Task harness at tuned base rates"); peers at equal optimizer memory (GaLore, APOLLO)
-and equal trainable numbers (LoRA), as there.
+(negative: CMD lower). A family is "ahead" only where the whole 95% t-interval is on its side. {rates};
+peers at equal optimizer memory (GaLore, APOLLO) and equal trainable numbers (LoRA), as there.
 
 Machine: {meta["machine"]}; commit {meta["commit"]}. Command: `{meta.get("command", f"python -m benchmarks.paired --seeds {seeds}")}`
 ({meta["total_s"]:.0f} s).
@@ -110,7 +122,7 @@ Machine: {meta["machine"]}; commit {meta["commit"]}. Command: `{meta.get("comman
 {table(records, tasks)}
 """
     if doc_write:
-        write_section("paired", body)
+        write_section("paired" + ("" if schedule == "constant" else f"-{schedule}"), body)
     return body
 
 
@@ -119,18 +131,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=10)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=TASKS)
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--schedule", choices=harness.tasks.SCHEDULES, default="constant")
+    parser.add_argument("--json", type=Path, help=f"default {RESULTS.name}, or {results_of('linear').name}")
     parser.add_argument("--report", action="store_true", help="only rewrite the doc section from the JSON")
     parser.add_argument("--no-write", action="store_true", help="print the table; write no JSON or doc")
     args = parser.parse_args(argv)
+    args.json = args.json or results_of(args.schedule)
     if args.report:
         payload = json.loads(args.json.read_text())
     else:
-        rates = harness.base_rates.load_rates()
-        meta = dict(machine=machine(), commit=harness._commit(), rates=rates,
-                    command=f"python -m benchmarks.paired --seeds {args.seeds} --tasks {' '.join(args.tasks)}")
+        rates = harness.base_rates.load_rates(args.schedule)
+        schedule = "" if args.schedule == "constant" else f" --schedule {args.schedule}"
+        meta = dict(machine=machine(), commit=harness._commit(), rates=rates, schedule=args.schedule,
+                    command=f"python -m benchmarks.paired --seeds {args.seeds} --tasks {' '.join(args.tasks)}{schedule}")
         start = time.perf_counter()
-        records = harness.measure(args.tasks, METHODS, args.seeds, args.jobs, False, rates=rates)
+        records = harness.measure(args.tasks, METHODS, args.seeds, args.jobs, False, rates=rates,
+                                  schedule=args.schedule)
         harness.add_recovery(records)
         payload = dict(meta={**meta, "total_s": time.perf_counter() - start}, records=records)
         if not args.no_write:

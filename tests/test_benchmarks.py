@@ -283,3 +283,30 @@ def test_paired_seeds_take_each_peers_better_rate_and_call_a_gap_only_outside_th
     records += rows("default_lr025", [0.8, 0.9, 0.7, 0.85])
     mine, best, diffs = paired.differences(records, "t", ("galore", "galore_lr4"), ("default", "default_lr025"))
     assert mine == "default_lr025" and diffs == pytest.approx([-0.1, -0.1, -0.1, -0.1])
+
+
+def test_a_linear_schedule_reaches_every_row_from_its_own_peak_and_a_constant_one_changes_nothing():
+    from benchmarks import harness, harness_tasks
+
+    task = harness.task_of("digits_mlp", quick=True, schedule="linear")
+    assert (task.schedule, harness_tasks.TASKS["digits_mlp"].schedule) == ("linear", "constant")
+    assert [task.lr_factor(s) for s in (0, 10, 40)] == [1.0, 0.75, 0.0]
+    assert harness.task_of("digits_mlp", quick=True).lr_factor(39) == 1.0
+    data = harness_tasks.load(task.data)
+    seen = []
+
+    class Recording(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.append([g["lr"] for g in self.param_groups])
+            return super().step(closure)
+
+    model = harness_tasks.build(task, 0)
+    optimizer = Recording(model.parameters(), lr=0.2)
+    harness_tasks.train(model, optimizer, data, 0, 0, 20, 8, task.lr_factor)
+    harness_tasks.set_peak_rate(optimizer, 0.25)  # a row's rate scaled at the switch: the peak is scaled
+    harness_tasks.train(model, optimizer, data, 0, 20, 40, 8, task.lr_factor)
+    assert [lrs[0] for lrs in seen] == pytest.approx([0.2 * task.lr_factor(s) for s in range(20)]
+                                                     + [0.05 * task.lr_factor(s) for s in range(20, 40)])
+    late = Recording(model.parameters(), lr=0.4)  # a peer built at the switch decays from its own peak
+    harness_tasks.train(model, late, data, 0, 20, 21, 8, task.lr_factor)
+    assert seen[-1] == pytest.approx([0.4 * 0.5])
