@@ -80,7 +80,7 @@ def register_cmd_hook(ddp_model: "torch.nn.parallel.DistributedDataParallel", op
         raise TypeError(f"register_cmd_hook needs a CMDOptimizer, got {type(optimizer).__name__}")
     state = CMDHookState(exchange, process_group)
     ddp_model.register_comm_hook(state, _cmd_hook)
-    exchange.mark_hooked()
+    exchange.mark_hooked(process_group)
     return state
 
 

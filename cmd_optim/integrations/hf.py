@@ -95,7 +95,8 @@ class CMDCallback(TrainerCallback):
                 self.hook_state = register_cmd_hook(wrapped, cmd)
         elif self._trainer is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             warnings.warn("CMDCallback() passed to the Trainer cannot reach its DDP wrapper; use "
-                          "CMDCallback.install(trainer) to register the CMD communication hook", stacklevel=2)
+                          "CMDCallback.install(trainer) to register the CMD communication hook (without it, or "
+                          "process_group= given to the CMDOptimizer, each rank switches alone)", stacklevel=2)
         return control
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core import Decomposition
 from ..core._checks import check_int, check_real
-from ._dist_checks import refuse_sharding
+from ._dist_checks import refuse_sharding, world_size
 from ._params import BaseFactory, gather_params, hyperparameters, tensor_bytes
 from .exchange import ModeExchange
 from .phase import Phase, Setup
@@ -96,6 +96,12 @@ class CMDOptimizer(torch.optim.Optimizer):
         reduction: ``"lowrank"``, ``"modes"``, ``"gradual"`` (the paper's embedded CMD), or an instance of
             :class:`LowRank`, :class:`Modes`, :class:`Gradual` (any registered reduction). ``switch_report``
             names the one in use.
+        process_group: a torch.distributed group whose ranks hold replicas of these parameters (DDP's, e.g.
+            ``torch.distributed.group.WORLD``): they then check at the switch that they found the same
+            decomposition, and the low-rank phase keeps them bit-identical. Taken from ``model`` when it is a
+            DistributedDataParallel module, or from ``register_cmd_hook``. Without any of these the optimizer
+            runs no collective, even under torch.distributed (its rank trains alone); FSDP2 shards carry
+            their own group. See docs/distributed.md.
         **base_kwargs: passed to ``base`` (``lr``, ``momentum``, ``betas``, ...).
 
     Hyperparameters live in ``param_groups`` (the model's parameters, as with any torch optimizer); the
@@ -125,6 +131,7 @@ class CMDOptimizer(torch.optim.Optimizer):
         embed: str | None = None,
         embed_every: int | None = None,
         embed_fraction: float | None = None,
+        process_group=None,
         **base_kwargs,
     ) -> None:
         switch_after = check_int("switch_after" if warmup_steps is None else "warmup_steps",
@@ -141,6 +148,11 @@ class CMDOptimizer(torch.optim.Optimizer):
         if any(sharded) and not all(sharded):
             raise TypeError("some tracked parameters are FSDP2 shards and some are not: shard the whole model "
                             "with fully_shard, or keep the unsharded ones free (keep_free)")
+        if isinstance(model, nn.parallel.DistributedDataParallel) and process_group is None:
+            process_group = model.process_group
+        if process_group is not None and any(sharded):
+            raise TypeError("process_group declares ranks that hold replicas; FSDP2 shards carry their own group: "
+                            "leave it out")
         make_base = BaseFactory(base, base_kwargs)
         if chosen is None:
             chosen = choose_default(make_base.optimizer_name, all(sharded), shortcuts)
@@ -151,7 +163,7 @@ class CMDOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{refusal}: use reduction={able[0]!r}" if able else refusal)
         self.reduction = chosen
         self._setup = Setup(params, make_base, switch_after, ModeExchange(params.tracked),
-                            sharding=Sharding(params.tracked) if all(sharded) else None)
+                            sharding=Sharding(params.tracked) if all(sharded) else None, process_group=process_group)
         self.reduction.check(self._setup)
         self._phase: Phase = WarmupPhase(self._setup, recorder=self.reduction.warmup_recorder(self._setup))
         self._constructing = True
@@ -342,9 +354,12 @@ class CMDOptimizer(torch.optim.Optimizer):
         self.switch_report = report
         self._install(reduced)
         self.decomposition = getattr(reduced, "decomposition", None)
+        alone = self._setup.sharding is None and self._setup.replica_group() is None and world_size() > 1
         _say(f"CMDOptimizer switched to reduction {self.reduction.name!r} at step {self.steps_taken}: "
              f"{report['trainable_dims']} trainable numbers, {reduced.state_bytes()} bytes of optimizer state "
-             f"(the base {self.base_name} kept {tensor_bytes(warmup.optimizer.state)} in the warm-up)")
+             f"(the base {self.base_name} kept {tensor_bytes(warmup.optimizer.state)} in the warm-up)"
+             + (f"; this rank of {world_size()} switched alone, with no collective (nothing declared replicas: "
+                "under DDP pass the DDP module or process_group=, or register_cmd_hook)" if alone else ""))
 
     def _install(self, phase: Phase) -> None:
         """Make ``phase`` the live phase (nothing in here can fail)."""

@@ -99,8 +99,9 @@ class Decomposed(Reduction):
                 f"the warm-up moved none of the sampled parameters in {steps_taken} steps (a learning rate of 0, "
                 "zero gradients, or step() without a backward?): there are no modes to train. The optimizer stays "
                 "in the warm-up and retries at the next step.")
-        if setup.sharding is None and torch.distributed.is_available() and torch.distributed.is_initialized():
-            check_rank_consistency(d)  # (sharded, the ranks agree by construction: shared samples)
+        replicas = setup.replica_group()  # (None when sharded: the ranks agree by construction, shared samples)
+        if replicas is not None:
+            check_rank_consistency(d, replicas)
         return d, references
 
     @staticmethod

@@ -53,6 +53,7 @@ class ModeExchange:
         self._rotations: dict[int, torch.Tensor] = {}
         self.attachments = 0  # subspaces attached so far: a hook's core-shaped state from an earlier count is stale
         self.hooked = False
+        self.process_group = None  # the registered hook's (None: the default group)
 
     # ------------------------------------------------------------------ the hook's side
     @property
@@ -155,9 +156,10 @@ class ModeExchange:
         """Hand back the reduced sums of bucket ``key`` (already averaged over the ranks)."""
         self._pending[key] = sums
 
-    def mark_hooked(self) -> None:
-        """Called by a hook at registration: from now on every mode-phase step needs deposited sums."""
-        self.hooked = True
+    def mark_hooked(self, process_group=None) -> None:
+        """Called by a hook at registration: from now on every mode-phase step needs deposited sums, and the
+        optimizer takes the ranks of the hook's ``process_group`` (None: the default group) for replicas."""
+        self.hooked, self.process_group = True, process_group
 
     # ------------------------------------------------------------------ the optimizer's side
     def attach(self, mode_map: ModeMap | None) -> None:

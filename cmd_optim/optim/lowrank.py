@@ -226,7 +226,7 @@ class LowRank(Reduction):
         matrices = phase.projected
         sources = {index: source for index, p in enumerate(matrices)
                    if (source := _direction_source(p, base_state, gradients)) is not None}
-        phase.map.refresh(_Whole(phase, sources), count=0, agree=phase.agree)
+        phase.map.refresh(_Whole(phase, sources), count=0, agree=phase.agreement()[1])
         for index, (p, core) in enumerate(zip(matrices, phase.cores)):
             carried = phase.carried(index, base_state.get(p, {}))
             if carried:
@@ -359,8 +359,8 @@ class LowRankPhase:
     full), ``ranks``, ``refreshes`` (how many times the bases were renewed), ``window_steps`` (steps since the
     last refresh), ``map`` (the :class:`~cmd_optim.core.SubspaceMap`), ``cores``, ``core_groups``. State: the
     bases (d r float32 per projected matrix) and the base optimizer's state on the cores and on what trains
-    in full. Under DDP the phase runs at the ranks' fewest threads and takes the first rank's bases, so
-    replicas on hosts with other thread counts stay bit-identical.
+    in full. On ranks declared replicas (DDP) the phase runs at the ranks' fewest threads and takes the first
+    rank's bases, so replicas on hosts with other thread counts stay bit-identical (:meth:`agreement`).
     """
 
     name = "lowrank"
@@ -400,13 +400,7 @@ class LowRankPhase:
                     groups.append({**hyperparameters(visible), "params": params})
                     self._sources.append((index, is_core))
         self.optimizer = setup.make_base(groups)
-        # DDP replicas stay bit-identical, as plain DDP's do, though ranks run other thread counts: every
-        # refresh takes the first rank's bases (LAPACK), and the phase runs at the ranks' fewest threads (BLAS).
-        # Under FSDP2 the whole left cores and the bases must agree in the same way.
-        group = None if self.sharding is None else self.sharding.group
-        replicas, self.threads = (replica_threads([p.numel() for p in self.projected], group)
-                                  if world_size(group) > 1 else (False, None))
-        self.agree = functools.partial(agree_with_first_rank, group=group) if replicas else None
+        self._agreed = None  # (the group, threads, agree) of :meth:`agreement`, once asked
         self._group_of = {p: index for index, visible in enumerate(setup.params.groups) for p in visible["params"]}
         self._subspace = {p: index for index, p in enumerate(self.projected)}
 
@@ -472,14 +466,29 @@ class LowRankPhase:
         return {**carried, **{key: self.as_core(index, value) for key, value in moments.items()}}
 
     # ------------------------------------------------------------------ stepping
+    def agreement(self) -> tuple[int | None, Callable | None]:
+        """How replicas stay bit-identical, as plain DDP's do, though ranks run other thread counts: the ranks'
+        fewest thread count to run the phase's products at (BLAS; None where the counts are equal), and
+        ``agree``, which makes every refresh take the first rank's bases (LAPACK). The ranks are the FSDP2
+        mesh's (the whole left cores and the bases must agree in the same way) or those the user declared
+        replicas (:meth:`Setup.replica_group`); (None, None) for a process alone. One collective when first
+        needed, and again if the declaration changed since (a hook registered after a loaded state)."""
+        group = self.setup.replica_group() if self.sharding is None else self.sharding.group
+        if self._agreed is None or self._agreed[0] is not group:
+            replicas, threads = (replica_threads([p.numel() for p in self.projected], group)
+                                 if group is not None and world_size(group) > 1 else (False, None))
+            self._agreed = (group, threads, functools.partial(agree_with_first_rank, group=group) if replicas else None)
+        return self._agreed[1:]
+
     @contextlib.contextmanager
     def same_rounding(self):
         """Run the products of the phase at the ranks' common thread count (a no-op on one process)."""
-        if self.threads is None:
+        threads, _ = self.agreement()
+        if threads is None:
             yield
             return
         previous = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
+        torch.set_num_threads(threads)
         try:
             yield
         finally:
@@ -549,7 +558,7 @@ class LowRankPhase:
         """New bases from this rank's gradients ``local_grads`` (the first rank's are taken under DDP), the
         cores' state rotated into them (and the exchange told); the new projections of ``full_grads``."""
         rotations = self.map.refresh(_Whole(self, {i: g for i, g in enumerate(local_grads) if g is not None}),
-                                     self.refreshes, self.agree)
+                                     self.refreshes, self.agreement()[1])
         self.setup.exchange.rotated(rotations)
         for index, rotation in rotations.items():
             for key, value in self.optimizer.state.get(self.cores[index], {}).items():

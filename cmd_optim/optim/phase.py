@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.distributed as dist
 
 from ._params import BaseFactory, ParamSet, all_finite, hyperparameters
 from .exchange import ModeExchange
@@ -30,11 +31,25 @@ class Setup:
     switch_after: int
     exchange: ModeExchange
     sharding: Sharding | None = None  # FSDP2: the tracked parameters are row shards
+    process_group: object = None  # the ranks of this group hold replicas (``process_group=``, a DDP module)
 
     @property
     def tracked_matrices(self) -> list[torch.Tensor]:
         """The tracked parameters with two or more dimensions, in tracking order."""
         return [p for p in self.params.tracked if p.ndim >= 2]
+
+    def replica_group(self):
+        """The process group whose ranks hold replicas of the tracked parameters, as the user declared it: the
+        optimizer's ``process_group`` (given, or a DDP module's), else a registered CMD hook's (its
+        ``process_group``, the default group if None). None when nothing declared it, outside torch.distributed,
+        or under FSDP2 (the ranks hold shards: ``sharding.group``). Only these ranks take part in collectives."""
+        if self.sharding is not None or not (dist.is_available() and dist.is_initialized()):
+            return None
+        if self.process_group is not None:
+            return self.process_group
+        if self.exchange.hooked:
+            return dist.group.WORLD if self.exchange.process_group is None else self.exchange.process_group
+        return None
 
     def local(self, t: torch.Tensor | None) -> torch.Tensor | None:
         """This rank's part of a tracked parameter or gradient (the tensor itself without sharding)."""
