@@ -6,8 +6,11 @@ replaces DDP's gradient all-reduce, in the mode phase, by an all-reduce of each 
 the mode gradient (C numbers, plus the gradients of the bucket's ``keep_free`` parameters). The
 projection is linear, so the sum over buckets of the averaged contributions is the projection of the
 averaged gradient. In the packed gradual phase (embedded CMD) it all-reduces the gradients of the elements
-not embedded yet and of the free parameters, and writes them back averaged (the embedded elements' gradient
-is not used, so it is not sent): the bytes fall with every embedding round.
+not embedded yet and of the free parameters, and writes them back averaged (by default the embedded elements'
+gradient is not used, so it is not sent): the bytes fall with every embedding round. With
+``Gradual(embedded_gradient="pooled")`` each bucket also sends its M mode sums ``sum_i a_i g_i`` over its
+embedded elements (linear: the averaged sums are the sums of the averaged gradient), which the phase pools
+into its references' gradients.
 
 In the low-rank phase (the default reduction) it compresses, PowerSGD-style at rank 1 with error feedback
 (:func:`power_step_reference`), each projected matrix's *core* gradient (r x D: r + D numbers, where PowerSGD
@@ -66,8 +69,9 @@ def register_cmd_hook(ddp_model: "torch.nn.parallel.DistributedDataParallel", op
     """Register the CMD communication hook on ``ddp_model``; returns its state (with the byte count).
 
     Warm-up (and reductions that read the whole gradient): DDP's default averaged all-reduce. Packed gradual
-    phase: per bucket one all-reduce of the live elements' gradients and the free parameters', written back
-    averaged (the embedded elements' ``.grad`` become 0). Mode phase: per bucket one all-reduce of
+    phase: per bucket one all-reduce of the live elements' gradients and the free parameters' (and, pooled, the
+    bucket's M mode sums), written back averaged (the embedded elements' ``.grad`` become 0). Mode phase:
+    per bucket one all-reduce of
     ``[sum_i u_i g_i per coefficient, gradients of the bucket's keep_free parameters]``; the mode sums
     reach ``optimizer.step()``, the free gradients are written back averaged, and the mapped parameters'
     ``.grad`` keep this rank's local gradient (so clipping them changes nothing; the non-finite check

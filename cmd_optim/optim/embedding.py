@@ -217,6 +217,41 @@ class GradualEmbedding:
             target = torch.addcmul(b, a, references.to(p.device, a.dtype)[mode.long()])
             p.copy_(torch.where(mask, target.to(p.dtype), p))
 
+    def reference_slots(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Per parameter holding references (here, under FSDP2): ``(its index, the references' slots among its
+        live elements (:attr:`positions`), their modes)``, both long tensors on its device; valid until a round."""
+        owners = {}
+        for mode, (index, position) in zip(self._modes_here.tolist(), self._reference_at):
+            owners.setdefault(index, ([], []))
+            owners[index][0].append(position)
+            owners[index][1].append(mode)
+        slots = []
+        for index, (positions, modes) in owners.items():
+            positions, modes = torch.tensor(positions), torch.tensor(modes)
+            live = self.positions[index]
+            if live is not None:  # a reference is live: its slot is its rank among the live positions
+                positions = torch.searchsorted(live.cpu().long(), positions)
+            device = self.params[index].device
+            slots.append((index, positions.to(device), modes.to(device)))
+        return slots
+
+    @torch.no_grad()
+    def mode_sums(self, values) -> torch.Tensor:
+        """(M,) float64: per mode, ``sum_i a_i * v_i`` over its embedded elements ``i`` (``a_i`` their tied slope),
+        ``values`` one tensor per parameter shaped like it (None: left out). Linear in ``values``: sums over parts
+        of the parameters (a DDP bucket) or over ranks add up. Under FSDP2 this rank's elements only."""
+        sums = torch.zeros(self.decomposition.num_modes, dtype=torch.float64, device=self.embedded.device)
+        for v, view in zip(values, self._views):
+            if v is not None and view is not None:  # a live element's tied slope is 0
+                _, a, _, mode = view
+                sums.index_add_(0, mode.reshape(-1).to(sums.device, torch.int32),
+                                (a.double() * v.double()).reshape(-1).to(sums.device))
+        return sums
+
+    def slope_squares(self) -> torch.Tensor:
+        """(M,) float64: per mode, ``sum_i a_i^2`` over its embedded elements (:meth:`mode_sums` of the slopes)."""
+        return self.mode_sums([None if view is None else view[1] for view in self._views])
+
     # ------------------------------------------------------------------ state
     def nbytes(self) -> int:
         """Bytes held here and in the (live) decomposition; a view of :attr:`tied_slope` etc. on the same device

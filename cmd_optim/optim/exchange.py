@@ -9,8 +9,10 @@ Three reduced phases use it:
 - the mode reduction attaches its mode map (:meth:`ModeExchange.attach`): a bucket sends its contribution to
   the mode gradient (:meth:`ModeExchange.mode_sums`) and the gradients of its free parameters;
 - the packed gradual reduction attaches a *packing* (:meth:`ModeExchange.attach_packing`, any object with
-  ``positions_of(param) -> index tensor | None``): a bucket sends the gradients of its parameters' live
-  elements only (:meth:`ModeExchange.pack`), which are written back averaged (:meth:`ModeExchange.unpack`);
+  ``positions_of(param) -> index tensor | None`` and ``mode_sums_of(params, grads) -> (M,) tensor | None``): a
+  bucket sends the gradients of its parameters' live elements only, and the M mode sums of its embedded elements'
+  gradients when the packing gives them (:meth:`ModeExchange.pack`); the live elements are written back averaged
+  and the sums deposited (:meth:`ModeExchange.unpack`), for the phase's next step (:meth:`ModeExchange.check_exchanged`);
 - the low-rank reduction attaches its *subspaces* (:meth:`ModeExchange.attach_subspaces`, any object with
   ``map`` (a :class:`~cmd_optim.core.SubspaceMap`), ``subspace_of(param) -> index | None``, ``refresh_due``
   and ``same_rounding()``): a hook reads a projected matrix's core gradient (:meth:`ModeExchange.project`, r x D
@@ -68,17 +70,21 @@ class ModeExchange:
 
     def pack(self, params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> torch.Tensor:
         """One bucket's payload in the packed gradual phase: each parameter's gradient at its live elements (the
-        whole gradient of a free parameter), concatenated."""
+        whole gradient of a free parameter), concatenated, then the packing's mode sums if it gives them."""
         pieces = []
         for p, g in zip(params, grads):
             positions = self._packing.positions_of(p)
             pieces.append(g.reshape(-1) if positions is None else g.reshape(-1)[positions.to(g.device)])
+        sums = self._packing.mode_sums_of(params, grads)
+        if sums is not None:
+            pieces.append(sums.to(grads[0].device, grads[0].dtype))
         return torch.cat(pieces) if pieces else grads[0].new_zeros(0)
 
     def unpack(self, key: int, reduced: torch.Tensor, params: Sequence[torch.Tensor],
                grads: Sequence[torch.Tensor]) -> None:
         """Write the reduced :meth:`pack` payload of bucket ``key`` back into ``grads`` (in place): the live
-        elements averaged, the embedded ones 0 (their gradient was not sent and is not used)."""
+        elements averaged, the embedded ones 0 (their gradient was not sent); the mode sums after them, if any, are
+        deposited."""
         offset = 0
         for p, g in zip(params, grads):
             positions = self._packing.positions_of(p)
@@ -91,7 +97,7 @@ class ModeExchange:
                 flat.zero_()
                 flat.index_copy_(0, positions.to(g.device).long(), piece.to(g.dtype))
             offset += count
-        self.exchanged(key)
+        self._pending[key] = reduced[offset:].double() if offset < reduced.numel() else None
 
     def exchanged(self, key: int) -> None:
         """Called by a hook once bucket ``key`` is reduced (packed gradual and low-rank phases)."""
@@ -188,14 +194,17 @@ class ModeExchange:
             earlier = self._rotations.get(index)
             self._rotations[index] = rotation if earlier is None else rotation @ earlier
 
-    def check_exchanged(self) -> None:
+    def check_exchanged(self) -> torch.Tensor | None:
         """In the packed gradual and low-rank phases, before a step: raise if a hook is registered but did not
-        exchange the last backward's gradients (the ranks would step on different ones); then forget the buckets."""
+        exchange the last backward's gradients (the ranks would step on different ones); then forget the buckets.
+        Returns the mode sums the buckets deposited, added in bucket order (float64), or None if none did."""
         if self.hooked and (self._packing is not None or self._subspaces is not None) and not self._pending:
             raise RuntimeError(
                 "CMDOptimizer.step() found no gradients exchanged by the DDP hook: the last backward did not "
                 "synchronise (inside ddp.no_sync(), or not through the DDP-wrapped model)")
+        sums = [self._pending[key] for key in sorted(self._pending) if self._pending[key] is not None]
         self._pending = {}
+        return sum(sums) if sums else None
 
     def take(self) -> torch.Tensor | None:
         """The deposited sums added in bucket order (the same on every rank), or None without a hook.

@@ -1,4 +1,5 @@
 """Two gloo processes on the CPU against one process on the same global batch."""
+import functools
 import os
 
 import pytest
@@ -106,47 +107,56 @@ def test_two_ranks_match_one_process_on_the_global_batch(tmp_path, hook):
 GRADUAL_STEPS = 60  # switch at 30, a snapshot every 5 steps and a round at each: rounds after 35, 40, ..., 60
 
 
-def gradual_model_and_optimizer(base=torch.optim.SGD, **kwargs):
+def gradual_model_and_optimizer(base=torch.optim.SGD, embedded_gradient="dropped", **kwargs):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
-    reduction = Gradual(modes=4, samples=200, snapshot_every=5, every=1, fraction=0.3)
+    reduction = Gradual(modes=4, samples=200, snapshot_every=5, every=1, fraction=0.3,
+                        embedded_gradient=embedded_gradient)
     optimizer = CMDOptimizer(model, base=base, switch_after=WARMUP, keep_free=["4.*"], reduction=reduction,
                              **(kwargs or dict(lr=0.05, momentum=0.9)))
     return model, optimizer
 
 
-def gradual_worker(rank, world, folder, hook):
-    data, model, optimizer, ddp, state = join(rank, world, folder, hook, gradual_model_and_optimizer)
-    sent, live, state_bytes = [], [], []
+def gradual_worker(rank, world, folder, hook, embedded_gradient="dropped"):
+    make = functools.partial(gradual_model_and_optimizer, embedded_gradient=embedded_gradient)
+    data, model, optimizer, ddp, state = join(rank, world, folder, hook, make)
+    sent, buckets, live, state_bytes = [], [], [], []
     share = GLOBAL_BATCH // world
     for step in range(GRADUAL_STEPS):
         x, y = batch(step, data)
-        before = state.bytes_sent if hook else 0
+        before = (state.bytes_sent, state.bucket_calls) if hook else (0, 0)
         live.append(optimizer.trainable_dims)  # what this step's backward exchanges
         loss = nn.functional.cross_entropy(ddp(x[rank * share:(rank + 1) * share]), y[rank * share:(rank + 1) * share])
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        sent.append(state.bytes_sent - before if hook else 0)
+        sent.append(state.bytes_sent - before[0] if hook else 0)
+        buckets.append(state.bucket_calls - before[1] if hook else 0)
         state_bytes.append(optimizer.state_bytes)
-    torch.save({"params": [p.detach() for p in model.parameters()], "sent": sent, "live": live,
-                "state_bytes": state_bytes, "rounds": optimizer.embedding.rounds, "phase": optimizer.phase},
-               os.path.join(folder, f"rank{rank}.pt"))
+    torch.save({"params": [p.detach() for p in model.parameters()], "sent": sent, "buckets": buckets, "live": live,
+                "state_bytes": state_bytes, "rounds": optimizer.embedding.rounds, "phase": optimizer.phase,
+                "modes": optimizer.switch_report["modes"]}, os.path.join(folder, f"rank{rank}.pt"))
     leave_process_group()
 
 
+@pytest.mark.parametrize("embedded_gradient", ["dropped", "pooled"])
 @pytest.mark.parametrize("hook", [True, False])
-def test_embedded_cmd_on_two_ranks_sends_only_live_gradients_and_matches_one_process(tmp_path, hook):
-    mp.spawn(gradual_worker, args=(2, str(tmp_path), hook), nprocs=2, join=True)
+def test_embedded_cmd_on_two_ranks_sends_only_live_gradients_and_matches_one_process(tmp_path, hook,
+                                                                                     embedded_gradient):
+    mp.spawn(gradual_worker, args=(2, str(tmp_path), hook, embedded_gradient), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     assert ranks[0]["phase"] == "reduced" and ranks[0]["rounds"] == 6
     for p, q in zip(ranks[0]["params"], ranks[1]["params"]):
         assert torch.equal(p, q)  # identical on every rank
-    single, optimizer = single_process(make=gradual_model_and_optimizer, steps=GRADUAL_STEPS)
+    make = functools.partial(gradual_model_and_optimizer, embedded_gradient=embedded_gradient)
+    single, optimizer = single_process(make=make, steps=GRADUAL_STEPS)
     embedded = optimizer.embedding.num_embedded
     assert embedded > 0
     for p, q in zip(ranks[0]["params"], single):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=0)
+    if embedded_gradient == "pooled":  # the pooled gradients moved the references: other weights than dropping
+        dropped, _ = single_process(make=gradual_model_and_optimizer, steps=GRADUAL_STEPS)
+        assert max(float((p - q).abs().max()) for p, q in zip(single, dropped)) > 1e-3
     model, _ = gradual_model_and_optimizer()
     total = sum(p.numel() for p in model.parameters())
     live, state_bytes = ranks[0]["live"], ranks[0]["state_bytes"]
@@ -155,13 +165,16 @@ def test_embedded_cmd_on_two_ranks_sends_only_live_gradients_and_matches_one_pro
     assert all(later < earlier for earlier, later in zip([state_bytes[WARMUP], *rounds], rounds)), rounds
     assert rounds[-1] < state_bytes[WARMUP] / 2.5  # an embedded element keeps 10 bytes: flag, line, mode
     if hook:
-        sent = ranks[0]["sent"]
-        # warm-up: the whole gradient; gradual phase: the live elements' gradients and the free head's
+        sent, buckets = ranks[0]["sent"], ranks[0]["buckets"]
+        # warm-up: the whole gradient; gradual phase: the live elements' gradients and the free head's, and
+        # when pooled each bucket's sums over its embedded elements, one per mode
+        sums = ranks[0]["modes"] if embedded_gradient == "pooled" else 0
+        assert all(b > 1 for b in buckets[1:]), buckets
         assert sent[:WARMUP] == [4 * total] * WARMUP
-        assert sent[WARMUP:] == [4 * n for n in live[WARMUP:]]
+        assert sent[WARMUP:] == [4 * (n + sums * b) for n, b in zip(live[WARMUP:], buckets[WARMUP:])]
         after_rounds = [sent[s] for s in range(35, GRADUAL_STEPS, 5)]  # the first step after each round
         assert all(later < earlier for earlier, later in zip([sent[WARMUP], *after_rounds], after_rounds))
-        assert sent[-1] < sent[0] / 4
+        assert sent[-1] - 4 * sums * buckets[-1] < sent[0] / 4  # (the test's buckets are tiny: M sums each)
 
 
 def step_after_no_sync(rank, world, data, model, optimizer, ddp, steps) -> dict:

@@ -26,15 +26,19 @@ from tests.integrations.test_fsdp import (
 # a snapshot every 5 steps and a round at each one: rounds after steps 35, 40, 45 and 50
 STEPS, SWITCH, WORLD, MODES = 50, 30, 2, 4
 ROUNDS = (35, 40, 45, 50)
-BASES = {"SGD": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)), "AdamW": (torch.optim.AdamW, dict(lr=0.003))}
-RUNS = [("SGD", "per block"), ("SGD", "one mesh"), ("AdamW", "per block"), ("AdamW", "one mesh")]
+BASES = {"SGD": (torch.optim.SGD, dict(lr=0.05, momentum=0.9)), "AdamW": (torch.optim.AdamW, dict(lr=0.003)),
+         "SGD-pooled": (torch.optim.SGD, dict(lr=0.05, momentum=0.9))}  # Gradual(embedded_gradient="pooled")
+RUNS = [("SGD", "per block"), ("SGD", "one mesh"), ("AdamW", "per block"), ("AdamW", "one mesh"),
+        ("SGD-pooled", "one mesh")]
 CHECKPOINTS = (20, 33, 42)  # the warm-up; the reduced phase before the first round; after two rounds
-RESUMED = [("SGD", "per block", 42), ("AdamW", "one mesh", 20), ("AdamW", "one mesh", 33), ("AdamW", "one mesh", 42)]
+RESUMED = [("SGD", "per block", 42), ("AdamW", "one mesh", 20), ("AdamW", "one mesh", 33), ("AdamW", "one mesh", 42),
+           ("SGD-pooled", "one mesh", 42)]
 
 
 def optimizer(net, base):
     cls, kwargs = BASES[base]
-    reduction = Gradual(modes=MODES, samples=200, snapshot_every=5, every=1, fraction=0.3)
+    reduction = Gradual(modes=MODES, samples=200, snapshot_every=5, every=1, fraction=0.3,
+                        embedded_gradient="pooled" if base.endswith("-pooled") else "dropped")
     return CMDOptimizer(net, base=cls, reduction=reduction, switch_after=SWITCH, **kwargs)
 
 
@@ -162,12 +166,14 @@ def test_each_rank_keeps_its_shards_state_falling_round_by_round(runs, reference
 @pytest.mark.parametrize("base", BASES)
 def test_a_reduced_step_sends_the_reference_values_and_a_round_its_ranking(runs, base):
     collectives = load(runs, base, "one mesh", 0)["collectives"]
+    pooled = base.endswith("-pooled")  # first the embedded elements' mode sums; after a round their sum a^2
     for step in range(SWITCH + 1, STEPS + 1):
         if step in ROUNDS:  # the references' values; float32 drifts: 4 bytes of 256 counts, the ties per
             # parameter and rank; then the online fit's update reuses the values
-            assert collectives[step] == [1, MODES, 256, 256, 256, 256, WORLD * 6]
+            assert collectives[step] == [MODES] * pooled + [1, MODES, 256, 256, 256, 256, WORLD * 6] + \
+                [MODES] * pooled
         else:  # the agreed non-finite check, and the references' values
-            assert collectives[step] == [1, MODES]
+            assert collectives[step] == [MODES] * pooled + [1, MODES]
 
 
 @pytest.mark.parametrize(("base", "pattern", "stop"), RESUMED)

@@ -21,9 +21,12 @@ BASES = {
     "Adagrad": (torch.optim.Adagrad, dict(lr=5e-2)),
     "LBFGS": (torch.optim.LBFGS, dict(lr=0.5, max_iter=3, history_size=5)),
 }
-#: a small configuration of every registered reduction (a new reduction must add one here)
+#: a small configuration of every registered reduction (a new reduction must add one here), and its options
+#: that change what is stepped
 REDUCTIONS = {"modes": lambda: Modes(modes=4, samples=200, snapshot_every=5),
               "gradual": lambda: Gradual(modes=4, samples=200, snapshot_every=5, every=2, fraction=0.25),
+              "gradual-pooled": lambda: Gradual(modes=4, samples=200, snapshot_every=5, every=2, fraction=0.25,
+                                                embedded_gradient="pooled"),
               "lowrank": lambda: LowRank(rank=2, refresh_every=3, min_side=2)}
 SWITCH, END = 20, 36
 STOPS = {"warmup": 10, "switch": SWITCH, "reduced": 28}  # where a run is saved or copied
@@ -34,7 +37,7 @@ CASES = [(base, name) for base in BASES for name in REDUCTIONS
 
 
 def test_every_registered_reduction_is_in_the_matrix():
-    assert set(REDUCTIONS) == set(REGISTERED)
+    assert {make().name for make in REDUCTIONS.values()} == set(REGISTERED)
 
 
 class Run:
@@ -170,8 +173,8 @@ def test_closure_returns_the_loss_and_zero_grad_clears(base, reduction, stop):
 @pytest.mark.parametrize("base, reduction", CASES)
 def test_repr_names_the_phase_the_reduction_and_the_base(base, reduction):
     run = Run(base, reduction)
-    names = {"modes": "Modes", "gradual": "Gradual", "lowrank": "LowRank"}
-    assert repr(run.optimizer).startswith(f"CMDOptimizer(phase='warmup', reduction={names[reduction]}(")
+    name = type(REDUCTIONS[reduction]()).__name__
+    assert repr(run.optimizer).startswith(f"CMDOptimizer(phase='warmup', reduction={name}(")
     assert f"base={base})" in repr(run.optimizer)
     run.steps(0, SWITCH)
     assert "phase='reduced'" in repr(run.optimizer)

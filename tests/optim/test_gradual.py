@@ -19,12 +19,13 @@ BASES = {"SGD": (torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)
          "AdamW": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.05))}
 
 
-def run(base="SGD", pack=None, steps=STEPS, start=0, model_optimizer=None, on_step=None):
+def run(base="SGD", pack=None, steps=STEPS, start=0, model_optimizer=None, on_step=None, embedded_gradient="dropped"):
     if model_optimizer is None:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
         cls, kwargs = BASES[base] if isinstance(base, str) else base
-        reduction = Gradual(modes=3, samples=100, snapshot_every=5, every=1, fraction=0.3, pack=pack)
+        reduction = Gradual(modes=3, samples=100, snapshot_every=5, every=1, fraction=0.3, pack=pack,
+                            embedded_gradient=embedded_gradient)
         optimizer = CMDOptimizer(model, base=cls, switch_after=SWITCH, keep_free="2.bias", reduction=reduction,
                                  **kwargs)
     else:
@@ -78,6 +79,39 @@ def test_the_base_state_holds_the_live_elements_only_and_state_bytes_fall_each_r
     assert opt.embedding.num_live == opt.decomposition.num_params == opt.trainable_dims - free
 
 
+PLAIN_SGD = (torch.optim.SGD, dict(lr=0.05))  # a step is -lr times the gradient it is given
+
+
+@pytest.mark.parametrize("embedded_gradient", ["dropped", "pooled"])
+def test_a_reference_steps_on_its_own_or_its_modes_pooled_gradient(embedded_gradient):
+    model, opt = run(PLAIN_SGD, steps=42, embedded_gradient=embedded_gradient)
+    embedding = opt.embedding
+    index = batch_index(42, 256, 32)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(_X[index]), _Y[index]).backward()
+    tracked = [p for p in model.parameters() if p is not model[2].bias]
+    before = torch.cat([p.detach().reshape(-1) for p in tracked])
+    grad = torch.cat([p.grad.reshape(-1) for p in tracked]).double()
+    opt.step()
+    after = torch.cat([p.detach().reshape(-1) for p in tracked])
+    slope, pooled_differs = embedding.tied_slope.double(), 0
+    for mode, reference in enumerate(embedding.references.tolist()):
+        members = embedding.embedded & (embedding.modes.long() == mode)
+        pooled = (grad[reference] + (slope[members] * grad[members]).sum()) / (1 + (slope[members] ** 2).sum())
+        expected = pooled if embedded_gradient == "pooled" else grad[reference]
+        torch.testing.assert_close(after[reference] - before[reference], (-0.05 * expected).float(), rtol=1e-4,
+                                   atol=1e-8)
+        pooled_differs += bool(abs(pooled - grad[reference]) > 1e-3 * abs(grad[reference]) + 1e-7)
+    assert pooled_differs >= 2  # the members' gradients are not on their line: the two differ
+
+
+def test_embedded_gradient_is_validated_and_pooled_needs_the_packed_phase():
+    with pytest.raises(ValueError, match="embedded_gradient must be one of 'dropped', 'pooled'"):
+        Gradual(embedded_gradient="summed")
+    with pytest.raises(ValueError, match="embedded_gradient='pooled' needs the packed phase.*pack=True"):
+        run(pack=False, steps=0, embedded_gradient="pooled")
+
+
 def _roundtrip(state):
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -85,13 +119,14 @@ def _roundtrip(state):
     return torch.load(buffer, weights_only=True)
 
 
+@pytest.mark.parametrize("embedded_gradient", ["dropped", "pooled"])
 @pytest.mark.parametrize("base", ["SGD", "Adam"])
-def test_a_state_saved_mid_embedding_resumes_bit_identically(base):
-    whole, _ = run(base)
-    model, opt = run(base, steps=42)  # 4 rounds in, 2 snapshots into the next
+def test_a_state_saved_mid_embedding_resumes_bit_identically(base, embedded_gradient):
+    whole, _ = run(base, embedded_gradient=embedded_gradient)
+    model, opt = run(base, steps=42, embedded_gradient=embedded_gradient)  # 4 rounds in, 2 snapshots into the next
     assert opt.embedding.num_embedded > 0 and opt.embedding.rounds == 4
     saved = _roundtrip({"model": model.state_dict(), "optimizer": opt.state_dict()})
-    fresh_model, fresh = run(base, steps=0)
+    fresh_model, fresh = run(base, steps=0, embedded_gradient=embedded_gradient)
     fresh_model.load_state_dict(saved["model"])
     fresh.load_state_dict(saved["optimizer"])
     assert fresh.phase == "reduced" and fresh.embedding.num_live == opt.embedding.num_live
