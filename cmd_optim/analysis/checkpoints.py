@@ -49,11 +49,12 @@ def checkpoint_step(path: Path) -> int | None:
 
 def find_checkpoints(run_dir) -> list[Path]:
     """The checkpoint files of ``run_dir`` in step order, one per step; warns of the files skipped."""
-    return _scan(run_dir)[0]
+    return [weights.path for weights in _scan(run_dir)[0]]
 
 
-def _scan(run_dir) -> tuple[list[Path], list[Path]]:
-    """The checkpoints of ``run_dir`` in step order and the files skipped (warned of as at the caller's caller)."""
+def _scan(run_dir) -> tuple[list[_Weights], list[Path]]:
+    """The checkpoints of ``run_dir`` in step order, opened (each file read once, for its step and its tensors),
+    and the files skipped (warned of as at the caller's caller)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"no such run folder: {run_dir}")
@@ -67,7 +68,8 @@ def _scan(run_dir) -> tuple[list[Path], list[Path]]:
             files.append(found[0])
     else:
         files = sorted(p for p in run_dir.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
-    steps = {path: checkpoint_step(path) for path in files}
+    opened = {path: _Weights(path) for path in files}
+    steps = {path: weights.step for path, weights in opened.items()}
 
     def rank(path):  # of several files of one step, the one whose name gives it, not a Lightning copy, is kept
         return _name_step(path) != steps[path], bool(_LIGHTNING_COPY.search(path.stem)), path.name
@@ -88,7 +90,7 @@ def _scan(run_dir) -> tuple[list[Path], list[Path]]:
                          + (f"; skipped {'; '.join(notes)}" if notes else ""))
     if notes:
         warnings.warn(f"{run_dir}: skipped {'; '.join(notes)}", stacklevel=3)
-    return kept, skipped
+    return [opened[path] for path in kept], skipped
 
 
 def _shown(path: Path) -> str:
@@ -163,7 +165,8 @@ def _state_dict_in(loaded, path: Path) -> dict:
 
 
 class CheckpointTrajectory(ColumnSource):
-    """The (T, N) trajectory of the floating-point tensors common to all checkpoints, read on demand.
+    """The (T, N) trajectory of the floating-point tensors common to all checkpoints (``paths``, or files
+    :func:`_scan` opened), read on demand.
 
     Columns follow the first checkpoint's tensor order (or ``names``, if given); ``names`` and ``sizes``
     give the layers, ``steps`` the step of each checkpoint (None if unknown), ``steps_known`` whether they are
@@ -173,7 +176,7 @@ class CheckpointTrajectory(ColumnSource):
 
     def __init__(self, paths, progress: bool = False, chunk_elements: int | None = None,
                  names: list[str] | None = None) -> None:
-        self.files = [_Weights(Path(p)) for p in paths]
+        self.files = [p if isinstance(p, _Weights) else _Weights(Path(p)) for p in paths]
         self.steps = [f.step for f in self.files]
         self.steps_known = all(f.step_known for f in self.files)
         first = self.files[0].shapes

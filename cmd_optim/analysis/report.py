@@ -53,7 +53,8 @@ def analyze(run_dir, out_dir=None, modes: int = 10, samples: int = 1000, seed: i
     """CMD of the run in ``run_dir``; writes report.md, report.json and PNG plots (with matplotlib) into
     ``out_dir`` (default ``run_dir/cmd-analysis``) and returns the :class:`Report`. Warns of the checkpoint
     files skipped; an unreadable checkpoint raises ValueError, an unwritable ``out_dir`` OSError, naming it."""
-    paths, skipped = _scan(run_dir)
+    files, skipped = _scan(run_dir)
+    paths = [weights.path for weights in files]
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir) / "cmd-analysis"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ def analyze(run_dir, out_dir=None, modes: int = 10, samples: int = 1000, seed: i
         raise OSError(f"cannot create the report folder {out_dir}: {error.strerror or error}") from error
     if not os.access(out_dir, os.W_OK):
         raise PermissionError(f"cannot write into the report folder {out_dir}")
-    trajectory = CheckpointTrajectory(paths, progress=progress, chunk_elements=chunk_elements)
+    trajectory = CheckpointTrajectory(files, progress=progress, chunk_elements=chunk_elements)
     d = decompose(trajectory, modes=modes, samples=samples, seed=seed, layer_sizes=trajectory.sizes, measure=True)
     pca_dims = min(d.num_modes, len(paths) - 1)
     if pca_dims >= len(paths) - 1:

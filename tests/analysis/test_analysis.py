@@ -80,11 +80,16 @@ def test_checkpoints_are_taken_in_step_order_and_errors_are_clear(tmp_path, reco
         analysis.find_checkpoints(tmp_path / "few")
 
 
-def test_command_line(recorded_run, tmp_path, capsys):
+def test_command_line(recorded_run, tmp_path, capsys, monkeypatch):
+    """``analyze`` on torch files reads each one once (its step and its tensors from one torch.load)."""
     root, _ = recorded_run
+    loads = []
+    load = analysis.checkpoints._torch_load
+    monkeypatch.setattr(analysis.checkpoints, "_torch_load", lambda path: loads.append(path.name) or load(path))
     cli(["analyze", str(root / "pt"), "--out", str(tmp_path), "--modes", "4", "--samples", "200", "--no-progress"])
     assert "explained variance CMD" in capsys.readouterr().out
     assert (tmp_path / "report.md").exists()
+    assert sorted(loads) == sorted(p.name for p in (root / "pt").glob("*.pt")) and len(loads) == 13
 
 
 @pytest.mark.parametrize("layout", ["nested", "lightning"])
