@@ -3,7 +3,7 @@ accuracy against bytes sent, for plain DDP, PowerSGD (rank 1 and 4) and the CMD 
 
     python -m benchmarks.ddp [--params 4000000] [--steps 20] [--worlds 2 4] [--no-write]
     python -m benchmarks.ddp --accuracy [--tasks digits mnist1d] [--seeds 3] [--no-write]
-    python -m benchmarks.ddp --curve [--tasks digits mnist1d] [--seeds 1] [--no-write]
+    python -m benchmarks.ddp --curve [--tasks digits mnist1d] [--seeds 3] [--no-write]
 
 Each process trains a two-layer MLP on its share of a random global batch of 64. "Plain DDP" is SGD with
 momentum under DDP's own all-reduce; "CMD hook" is CMDOptimizer(SGD) in its reduced phase with
@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from cmd_optim import CMDOptimizer
+from cmd_optim import CMDOptimizer, Gradual
 from cmd_optim.integrations.ddp import register_cmd_hook
 from cmd_optim.optim.cmd import optimizer_state_bytes
 
@@ -98,7 +98,7 @@ ACCURACY_TASKS = {
 }
 ACCURACY_METHODS = ("DDP", "PowerSGD rank 1", "PowerSGD rank 4", "CMD (lowrank), DDP all-reduce", "CMD hook (lowrank)",
                     "CMD hook (modes)", "CMD hook (gradual)")
-CURVE_METHODS = ("DDP", "PowerSGD rank 1", "PowerSGD rank 4", "CMD hook (gradual)")
+CURVE_METHODS = ("DDP", "PowerSGD rank 1", "PowerSGD rank 4", "CMD hook (gradual)", "CMD hook (gradual, pooled)")
 CURVE_POINTS = 20  # test accuracy and optimizer state this many times over a run
 
 
@@ -125,11 +125,14 @@ def _accuracy_worker(rank, world, folder, task_key, method, seed):
     model = task["model"]()
     ddp = nn.parallel.DistributedDataParallel(model)
     sgd = dict(lr=0.05, momentum=0.9)
-    if method.startswith("CMD"):  # "(lowrank)": the default reduction; "(modes)"; "(gradual)": embedded CMD, its defaults
-        reduction = method.split("(")[1].split(")")[0]
+    if method.startswith("CMD"):  # "(lowrank)": the default reduction; "(modes)"; "(gradual)": embedded CMD, its
+        # defaults; "(gradual, pooled)": Gradual(embedded_gradient="pooled")
+        reduction, *variant = method.split("(")[1].rstrip(")").split(", ")
         extra = dict(modes=10) if reduction == "modes" else {}
         if reduction != "lowrank":
             extra["snapshot_every"] = task["snapshot_every"]
+        if variant:
+            reduction = Gradual(embedded_gradient=variant[0])
         optimizer = CMDOptimizer(model, base=torch.optim.SGD, switch_after=task["switch"], seed=seed,
                                  reduction=reduction, **extra, **sgd)
         if "hook" in method:
@@ -306,7 +309,11 @@ def _curve_section(records, tasks, seeds, methods, image: str | None) -> str:
 a round every 2 snapshots embeds 10% of the live parameters) with `register_cmd_hook`: after the switch each
 step sends the gradients of the parameters not embedded yet, so its bytes fall at every round, and its
 optimizer state (SGD's momentum of the live elements, the online fit of the live elements, 10 bytes per
-embedded one) falls with them. PowerSGD compresses from the same step (`start_powerSGD_iter` = the switch).
+embedded one) falls with them. "CMD hook (gradual, pooled)" is the same with
+`reduction=Gradual(embedded_gradient="pooled")`: each reference steps on its mode's pooled gradient
+`(g_ref + sum_i a_i g_i) / (1 + sum_i a_i^2)` over the mode's embedded elements instead of its own (the paper's),
+and each step sends M = 10 sums more (40 bytes; the models here fit one DDP bucket).
+PowerSGD compresses from the same step (`start_powerSGD_iter` = the switch).
 Bytes: what one rank hands to `torch.distributed.all_reduce` in that step. Cells: bytes sent in the step /
 test accuracy / optimizer state bytes (`optimizer_state_bytes`; SGD's momentum for DDP and PowerSGD, whose
 hooks keep their own error-feedback and warm-start state besides, not counted here).
