@@ -10,9 +10,10 @@ Three reduced phases use it:
   the mode gradient (:meth:`ModeExchange.mode_sums`) and the gradients of its free parameters;
 - the packed gradual reduction attaches a *packing* (:meth:`ModeExchange.attach_packing`, any object with
   ``positions_of(param) -> index tensor | None`` and ``mode_sums_of(params, grads) -> (M,) tensor | None``): a
-  bucket sends the gradients of its parameters' live elements only, and the M mode sums of its embedded elements'
-  gradients when the packing gives them (:meth:`ModeExchange.pack`); the live elements are written back averaged
-  and the sums deposited (:meth:`ModeExchange.unpack`), for the phase's next step (:meth:`ModeExchange.check_exchanged`);
+  bucket sends the gradients of its parameters' live elements only, and the M mode sums of its embedded
+  elements' gradients when the packing gives them (:meth:`ModeExchange.pack`); the live elements are written
+  back averaged and the sums deposited (:meth:`ModeExchange.unpack`), for the phase's next step
+  (:meth:`ModeExchange.check_exchanged`);
 - the low-rank reduction attaches its *subspaces* (:meth:`ModeExchange.attach_subspaces`, any object with
   ``map`` (a :class:`~cmd_optim.core.SubspaceMap`), ``subspace_of(param) -> index | None``, ``refresh_due``
   and ``same_rounding()``): a hook reads a projected matrix's core gradient (:meth:`ModeExchange.project`, r x D
