@@ -8,7 +8,7 @@ the task's *tuned* rate (a rate whose run diverged on any seed is never chosen).
 --tuned-rates`` then runs every method at those rates. Writes benchmarks/results/base_rates.json and the
 "base-rates" section of docs/benchmarks.md. With ``--schedule linear`` every run decays its rate linearly to 0
 at the last step (the rate chosen is the peak), into benchmarks/results/base_rates_linear.json and the
-"base-rates-linear" section.
+"base-rates-linear" section. A run of some tasks keeps the file's earlier records of the others.
 """
 from __future__ import annotations
 
@@ -127,8 +127,16 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python -m benchmarks.base_rates" + (
         f" --tasks {' '.join(args.tasks)}" if args.tasks != DEFAULT_TASKS + HELD_OUT_TASKS else "") + (
         f" --schedule {args.schedule}" if args.schedule != "constant" else "") + f" --seeds {args.seeds}"
-    payload = dict(meta=dict(machine=machine(), command=command, seeds=args.seeds, schedule=args.schedule,
-                             total_s=time.perf_counter() - start), records=records, chosen=choose(records))
+    meta = dict(machine=machine(), command=command, seeds=args.seeds, schedule=args.schedule,
+                total_s=time.perf_counter() - start)
+    if results_of(args.schedule).exists() and not args.no_write:  # keep the tasks an earlier run chose for
+        earlier = json.loads(results_of(args.schedule).read_text())
+        kept = [r for r in earlier["records"] if r["task"] not in args.tasks]
+        if kept:
+            records = kept + records
+            meta.update(command=f"{earlier['meta']['command']}; then {command}",
+                        total_s=earlier["meta"]["total_s"] + meta["total_s"])
+    payload = dict(meta=meta, records=records, chosen=choose(records))
     print(section(payload))
     if not args.no_write:
         results_of(args.schedule).write_text(json.dumps(payload, indent=1))

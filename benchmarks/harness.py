@@ -48,10 +48,11 @@ CMD_METHODS = {"default": {}, "modes": {"reduction": "modes"},
                "lowrank_share35": {"reduction": LowRank(state_share=0.35)},
                "lowrank_refresh25": {"reduction": LowRank(refresh_every=25)},
                "lowrank_spectrum": {"reduction": LowRank(allocate="spectrum")},
-               "default_lr025": {}}
+               "default_lr025": {}, "default_lr4": {}}
 #: CMD rows whose learning rate is scaled at the switch (the warm-up stays the base run's): the default at the
-#: step GaLore's scale 0.25 takes, beside ``full_lr025``, to tell a peer's lead from its step size.
-CMD_LR_SCALE = {"default_lr025": 0.25}
+#: step GaLore's scale 0.25 takes, and at GaLore's x4, beside ``full_lr025`` and ``full_lr4``, to tell a peer's
+#: lead from its step size.
+CMD_LR_SCALE = {"default_lr025": 0.25, "default_lr4": 4.0}
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ PEERS = {"galore": Peer("galore", 1), "galore_lr4": Peer("galore", 4),
          "apollo": Peer("apollo", 1), "apollo_lr4": Peer("apollo", 4),
          "lora": Peer("lora", 1), "lora_lr10": Peer("lora", 10),
          "lora_r8": Peer("lora", 1, 8), "lora_r8_lr10": Peer("lora", 10, 8),
-         "full_lr025": Peer("full", 0.25)}
+         "full_lr025": Peer("full", 0.25), "full_lr4": Peer("full", 4)}
 METHODS = ["full", *CMD_METHODS, *PEERS]
 DEFAULT_TASKS = ["gpt2_finetune", "minilm_vader", "char_lm", "mnist1d_gru", "mnist1d_gru_late", "digits_bn_cnn",
                  "digits_mlp", "digits_mlp_late"]  # the heaviest first, so that the small ones fill the tail

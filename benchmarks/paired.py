@@ -30,11 +30,13 @@ from .report import machine, write_section
 
 RESULTS = Path(__file__).resolve().parent / "results" / "harness_paired.json"
 TASKS = ["digits_mlp", "digits_mlp_late", "digits_bn_cnn", "mnist1d_gru", "mnist1d_gru_late", "mnist1d_rescnn"]
-#: what the default is compared with: each peer family's two rates, and the base trained in full at x1 and x0.25
-FAMILIES = {**harness.FRONTIER, "full training": ("full", "full_lr025")}
-#: the default's rows: at the user's rate; and given two rates as the peers are (x1 and x0.25, the step GaLore's
-#: scale 0.25 takes at its x1)
-CMD_ROWS = {"default at the base rate": ("default",), "default, better of x1 and x0.25": ("default", "default_lr025")}
+#: what the default is compared with: each peer family's two rates, and the base trained in full at x0.25, x1
+#: and x4 from the switch
+FAMILIES = {**harness.FRONTIER, "full training": ("full", "full_lr025", "full_lr4")}
+#: the default's rows: at the user's rate; and given the rates the peers take (x0.25: the step GaLore's scale
+#: 0.25 takes at its x1; x4: GaLore's and APOLLO's second rate, which their unprojected parameters take in full)
+CMD_ROWS = {"default at the base rate": ("default",),
+            "default, best of x0.25, x1 and x4": ("default", "default_lr025", "default_lr4")}
 METHODS = [*dict.fromkeys(row for rows in (*FAMILIES.values(), *CMD_ROWS.values()) for row in rows)]
 
 
