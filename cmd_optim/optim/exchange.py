@@ -203,9 +203,7 @@ class ModeExchange:
             raise RuntimeError(
                 "CMDOptimizer.step() found no gradients exchanged by the DDP hook: the last backward did not "
                 "synchronise (inside ddp.no_sync(), or not through the DDP-wrapped model)")
-        sums = [self._pending[key] for key in sorted(self._pending) if self._pending[key] is not None]
-        self._pending = {}
-        return sum(sums) if sums else None
+        return self._drain()
 
     def take(self) -> torch.Tensor | None:
         """The deposited sums added in bucket order (the same on every rank), or None without a hook.
@@ -219,9 +217,13 @@ class ModeExchange:
                     "CMDOptimizer.step() found no mode gradient from the DDP hook: the last backward did not "
                     "synchronise (inside ddp.no_sync(), or not through the DDP-wrapped model)")
             return None
-        sums = sum(self._pending[key].double() for key in sorted(self._pending))
+        return self._drain()
+
+    def _drain(self) -> torch.Tensor | None:
+        """The deposited sums added in bucket order (float64; None if no bucket deposited any); forgets them."""
+        sums = [self._pending[key].double() for key in sorted(self._pending) if self._pending[key] is not None]
         self._pending = {}
-        return sums
+        return sum(sums) if sums else None
 
     def clear(self) -> None:
         self._pending, self._stash = {}, {}

@@ -188,13 +188,15 @@ class GradualPhase:
             self._pool_setup()
 
     def _pool_setup(self) -> None:
-        """(pooled) At the switch and after each round: the references' slots in the packs, and per mode (M,)
-        float64 ``1 / (1 + sum_i a_i^2)`` over its embedded elements (of all ranks: one all-reduce under FSDP2)."""
+        """(pooled) At the switch and after each round: per pack holding references, their slots, their modes and
+        each one's float64 ``1 / (1 + sum_i a_i^2)`` over its mode's embedded elements (of all ranks: one
+        all-reduce under FSDP2)."""
         squares = self.embedding.slope_squares()
         if self.setup.sharding is not None:
             self.setup.sharding.all_reduce([squares])
-        self._pool_scale = 1 / (1 + squares)
-        self._reference_slots = self.embedding.reference_slots()
+        scale = 1 / (1 + squares)
+        self._reference_slots = [(index, slots, modes, scale.to(modes.device)[modes])
+                                 for index, slots, modes in self.embedding.reference_slots()]
 
     @property
     def decomposition(self) -> Decomposition:
@@ -234,11 +236,10 @@ class GradualPhase:
             sums = self.embedding.mode_sums([self.setup.local(p.grad) for p in self.setup.params.tracked])
             if self.setup.sharding is not None:
                 self.setup.sharding.all_reduce([sums])
-        for index, slots, modes in self._reference_slots:
+        for index, slots, modes, scale in self._reference_slots:
             grad = self.packs[index].grad
             if grad is not None:
-                pooled = (grad[slots].double() + sums.to(grad.device)[modes]) * self._pool_scale.to(grad.device)[modes]
-                grad[slots] = pooled.to(grad.dtype)
+                grad[slots] = ((grad[slots].double() + sums.to(grad.device)[modes]) * scale).to(grad.dtype)
 
     def _moving(self) -> list[torch.Tensor]:
         """This rank's parts of the tracked parameters that have a gradient."""
