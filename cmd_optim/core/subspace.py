@@ -84,20 +84,21 @@ def residual_scale(step: torch.Tensor, low_grad: torch.Tensor, left: bool,
 
 def apply_step_reference(weight: torch.Tensor, basis: torch.Tensor, left: bool, step: torch.Tensor,
                          grad: torch.Tensor | None = None, low_grad: torch.Tensor | None = None,
-                         whole: torch.Tensor | None = None) -> None:
-    """``W += lift(step)``, and with ``grad``: ``- scale * (G - lift(low_grad))``, ``scale`` from
+                         whole: torch.Tensor | None = None, gain: float = 1.0) -> None:
+    """``W += gain * lift(step)``, and with ``grad``: ``- gain * scale * (G - lift(low_grad))``, ``scale`` from
     :func:`residual_scale` (the part of the gradient outside the subspace, stepped as the base stepped inside)."""
     move = lift_reference(basis, left, step)
     if grad is not None:
         scale = residual_scale(step, low_grad, left, whole)
         move = move - scale * (grad.float() - lift_reference(basis, left, low_grad))
-    weight.add_(move.view(weight.shape).to(weight.dtype))
+    weight.add_((gain * move).view(weight.shape).to(weight.dtype))
 
 
 def _apply_step_fused(weight: torch.Tensor, basis: torch.Tensor, left: bool, step: torch.Tensor,
-                      grad: torch.Tensor | None, low_grad: torch.Tensor | None, whole: torch.Tensor | None) -> None:
-    """The same move as the reference, as ``W -= scale * G`` then ``W += lift(step + scale * low_grad)``: one
-    GEMM, written into W itself when it is a contiguous float32 matrix."""
+                      grad: torch.Tensor | None, low_grad: torch.Tensor | None, whole: torch.Tensor | None,
+                      gain: float) -> None:
+    """The same move as the reference, as ``W -= gain * scale * G`` then ``W += gain * lift(step + scale *
+    low_grad)``: one GEMM, written into W itself when it is a contiguous float32 matrix."""
     core = step
     if grad is not None:
         scale = residual_scale(step, low_grad, left, whole)
@@ -107,24 +108,24 @@ def _apply_step_fused(weight: torch.Tensor, basis: torch.Tensor, left: bool, ste
         move = lift_reference(basis, left, core)
         if grad is not None:
             move -= scale * grad.reshape(move.shape).float()
-        weight.add_(move.view(weight.shape).to(weight.dtype))
+        weight.add_((gain * move).view(weight.shape).to(weight.dtype))
         return
     if grad is not None:
-        target.addcmul_(scale, grad.reshape(target.shape).float(), value=-1.0)
+        target.addcmul_(scale, grad.reshape(target.shape).float(), value=-gain)
     if left:
-        target.addmm_(basis, core)
+        target.addmm_(basis, core, alpha=gain)
     else:
-        target.addmm_(core, basis.T)
+        target.addmm_(core, basis.T, alpha=gain)
 
 
 def apply_step(weight: torch.Tensor, basis: torch.Tensor, left: bool, step: torch.Tensor,
                grad: torch.Tensor | None = None, low_grad: torch.Tensor | None = None, kernel: str = "auto",
-               whole: torch.Tensor | None = None) -> None:
+               whole: torch.Tensor | None = None, gain: float = 1.0) -> None:
     """Dispatch :func:`apply_step_reference` or its fused twin (``kernel``: one of :data:`KERNELS`)."""
     if kernel == "reference":
-        apply_step_reference(weight, basis, left, step, grad, low_grad, whole)
+        apply_step_reference(weight, basis, left, step, grad, low_grad, whole, gain)
     else:
-        _apply_step_fused(weight, basis, left, step, grad, low_grad, whole)
+        _apply_step_fused(weight, basis, left, step, grad, low_grad, whole, gain)
 
 
 def top_directions(source: torch.Tensor, rank: int, left: bool, seed: int) -> torch.Tensor | None:
@@ -218,13 +219,13 @@ class SubspaceMap:
 
     def apply(self, index: int, weight: torch.Tensor, step: torch.Tensor, grad: torch.Tensor | None = None,
               low_grad: torch.Tensor | None = None, rows: tuple[int, int] | None = None,
-              whole: torch.Tensor | None = None) -> None:
-        """Move ``weight`` by the lifted ``step`` (and the scaled residual of ``grad``, see the module); with
-        ``rows``, a block of them (``whole``: the matrix's step-to-gradient norm ratio, see
+              whole: torch.Tensor | None = None, gain: float = 1.0) -> None:
+        """Move ``weight`` by ``gain`` times the lifted ``step`` (and the scaled residual of ``grad``, see the
+        module); with ``rows``, a block of them (``whole``: the matrix's step-to-gradient norm ratio, see
         :func:`residual_scale`)."""
         e, basis, shape = self._block(index, rows)
         apply_step(weight, basis, e.left, step, None if grad is None else grad.reshape(shape), low_grad,
-                   self.kernel, whole)
+                   self.kernel, whole, gain)
 
     def refresh(self, sources: dict[int, torch.Tensor], count: int,
                 agree: Callable[[list[torch.Tensor]], None] | None = None) -> dict[int, torch.Tensor]:

@@ -146,6 +146,9 @@ class LowRank(Reduction):
         allocate: ``"share"`` (each matrix gets ``state_share`` of its own state) or ``"spectrum"`` (the same
             total re-dealt by the spectra of the base's first moments at the switch, :func:`spread_by_spectrum`;
             a research setting).
+        step_scale: each projected matrix moves this many times the step the base took on its core (and its
+            residual); the parameters trained in full and weight decay keep the base's rate. 1: the base's step.
+            Above 1 helps on a decaying schedule and hurts on a constant one (docs/benchmarks.md).
     """
 
     state_share: float = 0.25
@@ -156,6 +159,7 @@ class LowRank(Reduction):
     seed: int = 0
     kernel: str = "auto"
     allocate: str = "share"
+    step_scale: float = 1.0
 
     name: ClassVar[str] = "lowrank"
     supports_sharding: ClassVar[bool] = True
@@ -174,6 +178,7 @@ class LowRank(Reduction):
         self._set("seed", check_int("seed", self.seed, low=0, high=2**63 - 1))
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
+        self._set("step_scale", check_real("step_scale", self.step_scale, low=0, low_open=True))
         if self.allocate not in ("share", "spectrum"):
             raise ValueError(f"allocate must be 'share' or 'spectrum', got {self.allocate!r}")
         if self.allocate == "spectrum" and self.rank is not None:
@@ -593,7 +598,7 @@ class LowRankPhase:
             if decay and _decoupled(visible, name):
                 p.mul_(1 - visible["lr"] * decay)
             self.map.apply(index, self.setup.local(p.data), steps[index], full if self.settings.residual else None,
-                           low, self._rows[index], ratios.get(index))
+                           low, self._rows[index], ratios.get(index), self.settings.step_scale)
             core.zero_()
 
     def _split_ratios(self, steps: list[torch.Tensor], grads: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:

@@ -21,7 +21,8 @@ def _orthonormal(d, r, seed):
 
 @pytest.mark.parametrize("shape", [(6, 20), (20, 6)])
 @pytest.mark.parametrize("residual", [False, True])
-def test_the_fused_step_is_the_reference_step(shape, residual):
+@pytest.mark.parametrize("gain", [1.0, 2.5])
+def test_the_fused_step_is_the_reference_step(shape, residual, gain):
     m, n = shape
     left = m <= n
     gen = torch.Generator().manual_seed(1)
@@ -31,9 +32,14 @@ def test_the_fused_step_is_the_reference_step(shape, residual):
     step = -0.1 * torch.sign(low) * torch.rand(low.shape, generator=gen)
     weight = torch.randn(m, n, generator=gen)
     expected, fused = weight.clone(), weight.clone()
-    apply_step_reference(expected, basis, left, step, grad if residual else None, low if residual else None)
-    apply_step(fused, basis, left, step, grad if residual else None, low if residual else None, kernel="fused")
+    unit = weight.clone()
+    apply_step_reference(unit, basis, left, step, grad if residual else None, low if residual else None)
+    apply_step_reference(expected, basis, left, step, grad if residual else None, low if residual else None,
+                         gain=gain)
+    apply_step(fused, basis, left, step, grad if residual else None, low if residual else None, kernel="fused",
+               gain=gain)
     torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(expected - weight, gain * (unit - weight), rtol=1e-5, atol=1e-6)
     moved = (expected - weight)
     inside = lift_reference(basis, left, project_reference(basis, left, moved))
     if residual:

@@ -74,6 +74,29 @@ def test_with_plain_sgd_the_residual_makes_the_reduced_phase_plain_sgd(digits):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+def test_a_step_scale_moves_the_projected_matrices_that_many_sgd_steps_and_the_rest_one(digits):
+    """Plain SGD with a fixed rank: every projected matrix moves as SGD at twice the rate, the biases and the
+    10-row head (trained in full) as SGD at the rate, from the same weights and gradient."""
+    model = mlp(hidden=64)
+    optimizer = _cmd(model, lr=0.05, momentum=0.0, reduction=LowRank(rank=6, step_scale=2.0))
+    train(model, optimizer, digits, 31)
+    projected = set(optimizer.reduced_phase.projected)
+    assert len(projected) == 2
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = digits[0][:64], digits[1][:64]
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    optimizer.step()
+    for p, start, grad in zip(model.parameters(), before, grads):
+        rate = 0.1 if p in projected else 0.05
+        torch.testing.assert_close(p.detach(), start - rate * grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="step_scale"):
+        LowRank(step_scale=0.0)
+    with pytest.raises(TypeError, match="step_scale"):
+        LowRank(step_scale="2")
+
+
 def test_without_the_residual_each_matrix_moves_inside_its_basis(digits):
     model = mlp(hidden=64)
     optimizer = _cmd(model, reduction=LowRank(refresh_every=50, residual=False))
