@@ -1,0 +1,121 @@
+"""How far the reduced phase steps: ``LowRank(step_scale=2)`` and ``4`` against the default's 1, seed-paired.
+
+    python -m benchmarks.step_scale [--seeds 10] [--lm-seeds 3] [--report] [--no-write]
+
+The harness rows ``default``, ``lowrank_scale2`` and ``lowrank_scale4`` (benchmarks/harness.py) at the base rates
+full training chose, on both learning-rate schedules (constant, and linear decay to 0 at the last step): the six
+small tasks of benchmarks/paired.py at ``--seeds``, the two language models at ``--lm-seeds``. Every row continues
+from the same switch on the same batches, so the seeds pair: per schedule and task, each scale's final validation
+loss minus the default's, its mean and 95% t-interval. This is the research behind the default's step_scale of 1:
+a longer step is a default candidate only if it is behind the default nowhere. Writes
+benchmarks/results/step_scale.json and the "step-scale" section of docs/benchmarks.md; ``--report`` rewrites the
+section from the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from . import harness, paired
+from .report import machine, write_section
+
+RESULTS = Path(__file__).resolve().parent / "results" / "step_scale.json"
+ROWS = {"lowrank_scale2": 2, "lowrank_scale4": 4}
+LANGUAGE_MODELS = ["char_lm", "gpt2_finetune"]
+SCHEDULES = ("constant", "linear")
+
+
+def differences(records: list[dict], schedule: str, task: str, row: str) -> list[float]:
+    """``row``'s loss minus the default's, per seed both finished (a seed that diverged: +inf)."""
+    def losses(method):
+        return {r["seed"]: (r["val_loss"] if r.get("val_loss") is not None else float("inf")) for r in records
+                if r["schedule"] == schedule and r["task"] == task and r["method"] == method}
+
+    mine, default = losses(row), losses("default")
+    return [mine[s] - default[s] for s in sorted(set(mine) & set(default))]
+
+
+def table(records: list[dict]) -> str:
+    lines = ["| schedule | task | seeds | default's loss | " + " | ".join(
+        f"step_scale={scale} - default: mean [95% interval], seeds ahead" for scale in ROWS.values()) + " |",
+        "|---|---|---|---|" + "---|" * len(ROWS)]
+    behind = {row: [] for row in ROWS}
+    for schedule in SCHEDULES:
+        for task in dict.fromkeys(r["task"] for r in records if r["schedule"] == schedule):
+            base = [r["val_loss"] for r in records if r["schedule"] == schedule and r["task"] == task
+                    and r["method"] == "default" and r.get("val_loss") is not None]
+            cells = []
+            for row in ROWS:
+                diffs = differences(records, schedule, task, row)
+                if not all(map(math.isfinite, diffs)):
+                    cells.append(f"diverged on {sum(not math.isfinite(d) for d in diffs)} of {len(diffs)} seeds")
+                    behind[row].append(f"{task} ({schedule})")
+                    continue
+                if len(diffs) < 2:
+                    cells.append("-")
+                    continue
+                mean, low, high = paired.interval(diffs)
+                if low > 0:
+                    behind[row].append(f"{task} ({schedule})")
+                cells.append(f"{mean:+.4f} [{low:+.4f}, {high:+.4f}], {sum(d < 0 for d in diffs)}/{len(diffs)}")
+            lines.append(f"| {schedule} | {task} | {len(base)} | {statistics.mean(base):.4f} | {' | '.join(cells)} |")
+    lines.append("")
+    for row, scale in ROWS.items():
+        lines.append(f"- step_scale={scale} behind the default (interval above 0) on {len(behind[row])}: "
+                     f"{', '.join(behind[row]) or 'none'}")
+    return "\n".join(lines)
+
+
+def report(payload: dict, doc_write: bool = True) -> str:
+    meta = payload["meta"]
+    body = f"""## How far the reduced phase steps: step_scale 2 and 4 against 1
+
+`LowRank(step_scale=s)` moves every projected matrix s times the step the base took on its core and its
+residual (the parameters trained in full and weight decay keep the base's rate). Each scale continues from
+the default's switch on the same batches, at the base rates full training chose for each schedule, so the
+seeds pair: the scale's final validation loss minus the default's (negative: the longer step is better).
+
+Machine: {meta["machine"]}; commit {meta["commit"]}. Command: `{meta["command"]}` ({meta["total_s"]:.0f} s).
+
+{table(payload["records"])}
+"""
+    if doc_write:
+        write_section("step-scale", body)
+    return body
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=10, help="seeds of the six small tasks")
+    parser.add_argument("--lm-seeds", type=int, default=3, help="seeds of the two language models")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--json", type=Path, default=RESULTS)
+    parser.add_argument("--report", action="store_true", help="only rewrite the doc section from the JSON")
+    parser.add_argument("--no-write", action="store_true", help="print the table; write no JSON or doc")
+    args = parser.parse_args(argv)
+    if args.report:
+        payload = json.loads(args.json.read_text())
+    else:
+        start, records = time.perf_counter(), []
+        methods = ["default", *ROWS]
+        for schedule in SCHEDULES:
+            rates = harness.base_rates.load_rates(schedule)
+            for names, seeds in ((paired.TASKS, args.seeds), (LANGUAGE_MODELS, args.lm_seeds)):
+                found = harness.measure(names, methods, seeds, args.jobs, False, rates=rates, schedule=schedule)
+                records += [dict(r, schedule=schedule) for r in found if r["method"] in methods]
+        meta = dict(machine=machine(), commit=harness._commit(), total_s=time.perf_counter() - start,
+                    command=f"python -m benchmarks.step_scale --seeds {args.seeds} --lm-seeds {args.lm_seeds}")
+        payload = dict(meta=meta, records=records)
+        if not args.no_write:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(payload, indent=1))
+    print(report(payload, doc_write=not args.no_write))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
