@@ -275,7 +275,8 @@ def _e11_worker(rank, folder):
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(32, 128), nn.Tanh(), nn.Linear(128, 32), nn.Tanh(), nn.Linear(32, 10))
     ddp = nn.parallel.DistributedDataParallel(m)
-    opt = CMDOptimizer(m, switch_after=20, lr=0.05, momentum=0.9, reduction=LowRank(refresh_every=5))
+    # the DDP module as the model declares the ranks replicas (docs/distributed.md, "Which ranks take part")
+    opt = CMDOptimizer(ddp, switch_after=20, lr=0.05, momentum=0.9, reduction=LowRank(refresh_every=5))
     for s in range(40):
         x = torch.randn(32, 32, generator=torch.Generator().manual_seed(s * 2 + rank))
         opt.zero_grad()
