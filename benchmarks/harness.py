@@ -48,13 +48,14 @@ CMD_METHODS = {"default": {}, "modes": {"reduction": "modes"},
                "lowrank_share35": {"reduction": LowRank(state_share=0.35)},
                "lowrank_refresh25": {"reduction": LowRank(refresh_every=25)},
                "lowrank_spectrum": {"reduction": LowRank(allocate="spectrum")},
-               "default_lr025": {}, "default_lr4": {}, "default_lr2": {},
-               "lowrank_scale2": {"reduction": LowRank(step_scale=2.0)},
-               "lowrank_scale4": {"reduction": LowRank(step_scale=4.0)}}
+               "default_lr025": {}, "default_lr4": {},
+               "lowrank_scale1": {"reduction": LowRank(step_scale=1.0)},
+               "lowrank_scale2": {"reduction": LowRank(step_scale=2.0, peak_cap=False)},
+               "lowrank_scale4": {"reduction": LowRank(step_scale=4.0, peak_cap=False)}}
 #: CMD rows whose learning rate is scaled at the switch (the warm-up stays the base run's): the default at the
 #: step GaLore's scale 0.25 takes, and at GaLore's x4, beside ``full_lr025`` and ``full_lr4``, to tell a peer's
 #: lead from its step size.
-CMD_LR_SCALE = {"default_lr025": 0.25, "default_lr4": 4.0, "default_lr2": 2.0}
+CMD_LR_SCALE = {"default_lr025": 0.25, "default_lr4": 4.0}
 
 
 @dataclass(frozen=True)

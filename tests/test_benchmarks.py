@@ -292,18 +292,22 @@ def test_the_step_scale_table_calls_a_scale_behind_only_outside_its_interval_and
         return [{"schedule": schedule, "task": task, "method": method, "seed": s, "val_loss": v}
                 for s, v in enumerate(losses)]
 
-    records = [*rows("constant", "t", "default", [1.0, 1.1, 0.9]),
+    records = [*rows("constant", "t", "lowrank_scale1", [1.0, 1.1, 0.9]),
                *rows("constant", "t", "lowrank_scale2", [1.2, 1.3, 1.1]),  # behind on every seed
                *rows("constant", "t", "lowrank_scale4", [1.0, None, 0.9]),  # a seed diverged
-               *rows("linear", "t", "default", [1.0, 1.1, 0.9]),
+               *rows("constant", "t", "default", [1.0, 1.1, 0.9]),
+               *rows("linear", "t", "lowrank_scale1", [1.0, 1.1, 0.9]),
                *rows("linear", "t", "lowrank_scale2", [0.9, 1.2, 0.8]),  # within noise
-               *rows("linear", "t", "lowrank_scale4", [0.8, 0.9, 0.7])]  # ahead
+               *rows("linear", "t", "lowrank_scale4", [0.8, 0.9, 0.7]),  # ahead
+               *rows("linear", "t", "default", [0.8, 0.9, 0.7])]
     assert step_scale.differences(records, "constant", "t", "lowrank_scale2") == pytest.approx([0.2, 0.2, 0.2])
     text = step_scale.table(records)
-    assert "| constant | t | 3 | 1.0000 | +0.2000 [+0.2000, +0.2000], 0/3 | diverged on 1 of 3 seeds |" in text
+    assert ("| constant | t | 3 | 1.0000 | +0.2000 [+0.2000, +0.2000], 0/3 | diverged on 1 of 3 seeds | "
+            "+0.0000 [+0.0000, +0.0000], 0/3 |") in text
     assert "| linear | t | 3 | 1.0000 |" in text and "-0.2000 [-0.2000, -0.2000], 3/3" in text
-    assert "step_scale=2 behind the default (interval above 0) on 1: t (constant)" in text
-    assert "step_scale=4 behind the default (interval above 0) on 1: t (constant)" in text
+    assert "step_scale=2 uncapped behind step_scale=1 (interval above 0) on 1: t (constant)" in text
+    assert "step_scale=4 uncapped behind step_scale=1 (interval above 0) on 1: t (constant)" in text
+    assert "the default (step_scale=4, capped at the peak) behind step_scale=1 (interval above 0) on 0: none" in text
 
 
 def test_a_linear_schedule_reaches_every_row_from_its_own_peak_and_a_constant_one_changes_nothing():

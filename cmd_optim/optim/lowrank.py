@@ -146,9 +146,12 @@ class LowRank(Reduction):
         allocate: ``"share"`` (each matrix gets ``state_share`` of its own state) or ``"spectrum"`` (the same
             total re-dealt by the spectra of the base's first moments at the switch, :func:`spread_by_spectrum`;
             a research setting).
-        step_scale: each projected matrix moves this many times the step the base took on its core (and its
-            residual); the parameters trained in full and weight decay keep the base's rate. 1: the base's step.
-            Above 1 helps on a decaying schedule and hurts on a constant one (docs/benchmarks.md).
+        step_scale: each projected matrix moves up to this many times the step the base took on its core (and
+            its residual); the parameters trained in full and weight decay keep the base's rate.
+        peak_cap: the scaled rate stays at or below the schedule's peak: the gain is ``min(step_scale,
+            initial_lr / lr)``, at least 1 (``initial_lr``: the rate torch's LR schedulers record at the start).
+            At the peak rate, at a constant one, or with no scheduler, the step is the base's; on a decaying
+            schedule it grows as the rate falls. False: always ``step_scale`` (a research setting).
     """
 
     state_share: float = 0.25
@@ -159,7 +162,8 @@ class LowRank(Reduction):
     seed: int = 0
     kernel: str = "auto"
     allocate: str = "share"
-    step_scale: float = 1.0
+    step_scale: float = 4.0
+    peak_cap: bool = True
 
     name: ClassVar[str] = "lowrank"
     supports_sharding: ClassVar[bool] = True
@@ -179,6 +183,8 @@ class LowRank(Reduction):
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {self.kernel!r}")
         self._set("step_scale", check_real("step_scale", self.step_scale, low=0, low_open=True))
+        if not isinstance(self.peak_cap, bool):
+            raise TypeError(f"peak_cap must be True or False, got {self.peak_cap!r}")
         if self.allocate not in ("share", "spectrum"):
             raise ValueError(f"allocate must be 'share' or 'spectrum', got {self.allocate!r}")
         if self.allocate == "spectrum" and self.rank is not None:
@@ -598,8 +604,16 @@ class LowRankPhase:
             if decay and _decoupled(visible, name):
                 p.mul_(1 - visible["lr"] * decay)
             self.map.apply(index, self.setup.local(p.data), steps[index], full if self.settings.residual else None,
-                           low, self._rows[index], ratios.get(index), self.settings.step_scale)
+                           low, self._rows[index], ratios.get(index), self._gain(visible))
             core.zero_()
+
+    def _gain(self, group: dict) -> float:
+        """How many times the base's step a projected matrix of visible ``group`` moves (see ``peak_cap``)."""
+        scale = self.settings.step_scale
+        if not self.settings.peak_cap:
+            return scale
+        rate, peak = float(group["lr"]), float(group.get("initial_lr", group["lr"]))
+        return max(1.0, min(scale, peak / rate)) if rate > 0 else 1.0
 
     def _split_ratios(self, steps: list[torch.Tensor], grads: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:
         """For each split core (its rows on several ranks), ``||step|| / ||projected gradient||`` over the whole

@@ -74,27 +74,56 @@ def test_with_plain_sgd_the_residual_makes_the_reduced_phase_plain_sgd(digits):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
-def test_a_step_scale_moves_the_projected_matrices_that_many_sgd_steps_and_the_rest_one(digits):
-    """Plain SGD with a fixed rank: every projected matrix moves as SGD at twice the rate, the biases and the
-    10-row head (trained in full) as SGD at the rate, from the same weights and gradient."""
+def _one_step_moves(digits, reduction, decay=None):
+    """Plain SGD (lr 0.05) with ``reduction`` through the switch (and ``decay``: the rate's factor from then on,
+    set by a LambdaLR); each parameter's move in the next step over its gradient times the rate, and the
+    projected matrices."""
     model = mlp(hidden=64)
-    optimizer = _cmd(model, lr=0.05, momentum=0.0, reduction=LowRank(rank=6, step_scale=2.0))
-    train(model, optimizer, digits, 31)
-    projected = set(optimizer.reduced_phase.projected)
-    assert len(projected) == 2
+    optimizer = _cmd(model, lr=0.05, momentum=0.0, reduction=reduction)
+    scheduler = None if decay is None else torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 1.0 if step <= 31 else decay)
+    train(model, optimizer, digits, 32, scheduler=scheduler)
+    rate = optimizer.param_groups[0]["lr"]
     before = [p.detach().clone() for p in model.parameters()]
-    x, y = digits[0][:64], digits[1][:64]
     optimizer.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
+    nn.functional.cross_entropy(model(digits[0][:64]), digits[1][:64]).backward()
     grads = [p.grad.clone() for p in model.parameters()]
     optimizer.step()
-    for p, start, grad in zip(model.parameters(), before, grads):
-        rate = 0.1 if p in projected else 0.05
-        torch.testing.assert_close(p.detach(), start - rate * grad, rtol=1e-4, atol=1e-6)
+    projected = set(optimizer.reduced_phase.projected)
+    assert len(projected) == 2
+    return [float((start - p.detach()).norm() / (rate * g).norm()) for p, start, g in
+            zip(model.parameters(), before, grads)], [p in projected for p in model.parameters()]
+
+
+def test_a_step_scale_moves_the_projected_matrices_that_many_sgd_steps_and_the_rest_one(digits):
+    """Plain SGD with a fixed rank moves every projected matrix as SGD at ``step_scale`` times the rate (capped
+    at the schedule's peak: ``min(step_scale, initial_lr / lr)``, at least 1), what trains in full at the rate."""
+    cases = [(LowRank(rank=6, step_scale=2.0, peak_cap=False), None, 2.0),
+             (LowRank(rank=6), None, 1.0),  # no scheduler: no peak above the rate, the base's step
+             (LowRank(rank=6), 1.0, 1.0),  # a constant schedule: the base's step
+             (LowRank(rank=6), 0.5, 2.0),  # half the peak: twice the step, at the peak rate
+             (LowRank(rank=6), 0.1, 4.0)]  # a tenth: step_scale's 4
+    for reduction, decay, gain in cases:
+        ratios, projected = _one_step_moves(digits, reduction, decay)
+        for ratio, inside in zip(ratios, projected):
+            assert ratio == pytest.approx(gain if inside else 1.0, rel=1e-4), (reduction, decay)
     with pytest.raises(ValueError, match="step_scale"):
         LowRank(step_scale=0.0)
     with pytest.raises(TypeError, match="step_scale"):
         LowRank(step_scale="2")
+    with pytest.raises(TypeError, match="peak_cap"):
+        LowRank(peak_cap=1)
+
+
+def test_at_a_constant_rate_the_default_step_is_the_base_step_bit_for_bit(digits):
+    runs = []
+    for reduction in (LowRank(), LowRank(step_scale=1.0)):
+        model = mlp(hidden=64)
+        optimizer = _cmd(model, base=torch.optim.AdamW, reduction=reduction)
+        scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+        train(model, optimizer, digits, 45, scheduler=scheduler)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
 
 
 def test_without_the_residual_each_matrix_moves_inside_its_basis(digits):
