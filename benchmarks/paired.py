@@ -26,7 +26,7 @@ from pathlib import Path
 from scipy import stats
 
 from . import harness
-from .report import machine, write_section
+from .report import machine, write_json, write_section
 
 RESULTS = Path(__file__).resolve().parent / "results" / "harness_paired.json"
 TASKS = ["digits_mlp", "digits_mlp_late", "digits_bn_cnn", "mnist1d_gru", "mnist1d_gru_late", "mnist1d_rescnn"]
@@ -152,8 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         harness.add_recovery(records)
         payload = dict(meta={**meta, "total_s": time.perf_counter() - start}, records=records)
         if not args.no_write:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(payload, indent=1))
+            write_json(args.json, payload)
     print(report(payload, doc_write=not args.no_write))
     return payload
 

@@ -1,6 +1,7 @@
 """Writing one benchmark's section into docs/benchmarks.md, leaving the other sections alone."""
 from __future__ import annotations
 
+import json
 import platform
 import re
 from pathlib import Path
@@ -36,6 +37,12 @@ def save_figure(fig, name: str) -> str:
     fig.savefig(images / name, dpi=110)
     plt.close(fig)
     return name
+
+
+def write_json(path: Path, payload) -> None:
+    """``payload`` as indented JSON at ``path``, its folder made if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
 
 
 def write_section(name: str, body: str, doc: Path = DOC) -> None:

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import harness, paired
-from .report import machine, write_section
+from .report import machine, write_json, write_section
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_scale.json"
 BASELINE = "lowrank_scale1"
@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
                     command=f"python -m benchmarks.step_scale --seeds {args.seeds} --lm-seeds {args.lm_seeds}")
         payload = dict(meta=meta, records=records)
         if not args.no_write:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(payload, indent=1))
+            write_json(args.json, payload)
     print(report(payload, doc_write=not args.no_write))
     return payload
 

@@ -596,6 +596,7 @@ class LowRankPhase:
             return
         ratios = self._split_ratios(steps, grads)
         name = self.setup.make_base.optimizer_name
+        gains = [self._gain(group) for group in self.setup.params.groups]  # once per group (a tensor lr: one sync)
         for index, (p, core, full, low) in enumerate(zip(self.projected, self.cores, full_grads, grads)):
             if low is None:
                 continue
@@ -604,7 +605,7 @@ class LowRankPhase:
             if decay and _decoupled(visible, name):
                 p.mul_(1 - visible["lr"] * decay)
             self.map.apply(index, self.setup.local(p.data), steps[index], full if self.settings.residual else None,
-                           low, self._rows[index], ratios.get(index), self._gain(visible))
+                           low, self._rows[index], ratios.get(index), gains[self._group_of[p]])
             core.zero_()
 
     def _gain(self, group: dict) -> float:
