@@ -37,7 +37,7 @@ from cmd_optim import LowRank
 
 from . import base_rates, peers
 from . import harness_tasks as tasks
-from .report import DOC, machine, save_figure
+from .report import DOC, machine, save_figure, write_json
 
 RESULTS = Path(__file__).resolve().parent / "results" / "harness.json"
 
@@ -526,8 +526,7 @@ def main(argv: list[str] | None = None) -> dict:
         if path is not None:
             meta["total_s"] = time.perf_counter() - start
             add_recovery(records)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(dict(meta=meta, records=records), indent=1))
+            write_json(path, dict(meta=meta, records=records))
 
     records = measure(names, args.methods, args.seeds, args.jobs, args.quick, on_update=save, rates=rates,
                       schedule=args.schedule)
