@@ -518,8 +518,9 @@ def main() -> None:
 
 {args.seeds} seeds per (task, method), equal optimizer steps and equal warm-up. {settings}.
 "switch(...)": the base optimizer's model at the end of the warm-up (training stopped there).
-CMD(...): CMDOptimizer's default (`reduction="lowrank"`: a refreshed low-rank core per matrix, rank at most
-32, a 1% budget, 5% under 100K parameters); ", modes": the paper's 10 modes, K = 1000; gradual: L = 2
+CMD(...): CMDOptimizer's default (`reduction="lowrank"`: each matrix's state in a one-sided subspace refreshed
+every 100 steps, at most a quarter of the base's state, the residual stepped; on a decaying schedule up to 4x
+the base's step, never above its peak rate); ", modes": the paper's 10 modes, K = 1000; gradual: L = 2
 snapshots, P = 10%; LoRA: PEFT on query and value, alpha = r, dropout 0, head trained, AdamW at the task's
 rate and at ten times it (LoRA's usual rate is higher than full fine-tuning's), from the AdamW warm-up.
 Recovery: (method - switch) / (full - switch) of the seed means, on accuracy and on test loss, against the
