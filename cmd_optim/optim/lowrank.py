@@ -5,7 +5,9 @@ Every matrix-shaped parameter W (m x n; a conv kernel is viewed as (out, in * ke
 basis P of r directions of its shorter side (:class:`cmd_optim.core.SubspaceMap`). The base optimizer
 steps a *core* (r x n or m x r) whose gradient is the projected gradient, so its moments cost r / min(m, n)
 of theirs in full; W moves by the lifted core step plus the gradient's residual outside the subspace, scaled
-line by line as the base scaled the projected gradient (with plain SGD this is exactly SGD). Every
+line by line as the base scaled the projected gradient (with plain SGD this is exactly SGD), the whole move
+times ``min(step_scale, initial_lr / lr)`` (at least 1: the base's step at a constant rate, up to ``step_scale``
+times it as a schedule decays, never at a rate above the schedule's peak). Every
 ``refresh_every`` steps P becomes the top-r singular directions of that step's gradient and the base's
 state is rotated into the new basis. Biases, norm weights, the ``keep_free`` parameters and matrices whose
 shorter side is at most ``min_side`` train in full with the base optimizer.
