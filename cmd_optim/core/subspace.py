@@ -91,7 +91,7 @@ def apply_step_reference(weight: torch.Tensor, basis: torch.Tensor, left: bool, 
     if grad is not None:
         scale = residual_scale(step, low_grad, left, whole)
         move = move - scale * (grad.float() - lift_reference(basis, left, low_grad))
-    weight.add_((gain * move).view(weight.shape).to(weight.dtype))
+    weight.add_(move.mul_(gain).view(weight.shape).to(weight.dtype))
 
 
 def _apply_step_fused(weight: torch.Tensor, basis: torch.Tensor, left: bool, step: torch.Tensor,
@@ -108,7 +108,7 @@ def _apply_step_fused(weight: torch.Tensor, basis: torch.Tensor, left: bool, ste
         move = lift_reference(basis, left, core)
         if grad is not None:
             move -= scale * grad.reshape(move.shape).float()
-        weight.add_((gain * move).view(weight.shape).to(weight.dtype))
+        weight.add_(move.mul_(gain).view(weight.shape).to(weight.dtype))  # move is a fresh temporary
         return
     if grad is not None:
         target.addcmul_(scale, grad.reshape(target.shape).float(), value=-gain)
