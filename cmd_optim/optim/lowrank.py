@@ -597,18 +597,24 @@ class LowRankPhase:
                 core.zero_()
             return
         ratios = self._split_ratios(steps, grads)
-        name = self.setup.make_base.optimizer_name
-        gains = [self._gain(group) for group in self.setup.params.groups]  # once per group (a tensor lr: one sync)
+        groups = self.setup.params.groups
+        gains = [self._gain(group) for group in groups]  # once per group (a tensor lr: one sync)
+        keeps = [self._keep(group) for group in groups]
         for index, (p, core, full, low) in enumerate(zip(self.projected, self.cores, full_grads, grads)):
             if low is None:
                 continue
-            visible = self.setup.params.groups[self._group_of[p]]
-            decay = visible.get("weight_decay", 0.0)
-            if decay and _decoupled(visible, name):
-                p.mul_(1 - visible["lr"] * decay)
+            group = self._group_of[p]
             self.map.apply(index, self.setup.local(p.data), steps[index], full if self.settings.residual else None,
-                           low, self._rows[index], ratios.get(index), gains[self._group_of[p]])
+                           low, self._rows[index], ratios.get(index), gains[group], keeps[group])
             core.zero_()
+
+    def _keep(self, group: dict) -> float:
+        """What decoupled weight decay leaves of a projected matrix of visible ``group`` this step: ``1 - lr *
+        weight_decay`` (1 where the base adds the decay to the gradient instead, or has none)."""
+        decay = group.get("weight_decay", 0.0)
+        if not decay or not _decoupled(group, self.setup.make_base.optimizer_name):
+            return 1.0
+        return 1.0 - float(group["lr"]) * decay
 
     def _gain(self, group: dict) -> float:
         """How many times the base's step a projected matrix of visible ``group`` moves (see ``peak_cap``)."""

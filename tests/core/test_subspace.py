@@ -48,6 +48,27 @@ def test_the_fused_step_is_the_reference_step(shape, residual, gain):
         torch.testing.assert_close(inside, moved, atol=1e-6, rtol=1e-5)  # a move inside span(P)
 
 
+@pytest.mark.parametrize("shape", [(6, 20), (20, 6)])
+@pytest.mark.parametrize("kernel", ["fused", "reference"])
+def test_keep_is_decoupled_decay_before_the_move(shape, kernel):
+    """``keep`` scales W as AdamW's decay does, then the move lands: the same as ``W *= keep`` and a step
+    without it (the fused path folds it into its GEMM's beta), also for a non-contiguous float64 weight."""
+    m, n = shape
+    left = m <= n
+    gen = torch.Generator().manual_seed(3)
+    basis = _orthonormal(min(m, n), 3, 4)
+    grad = torch.randn(m, n, generator=gen)
+    low = project_reference(basis, left, grad)
+    step = -0.1 * torch.sign(low) * torch.rand(low.shape, generator=gen)
+    for weight in (torch.randn(m, n, generator=gen), torch.randn(n, m, generator=gen, dtype=torch.float64).T):
+        expected, kept = weight.clone(), weight.clone()
+        expected.mul_(0.93)
+        apply_step_reference(expected, basis, left, step, grad, low, gain=2.0)
+        apply_step(kept, basis, left, step, grad, low, kernel=kernel, gain=2.0, keep=0.93)
+        torch.testing.assert_close(kept, expected, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(kept, weight + (expected - 0.93 * weight) / 0.93, atol=1e-4)  # keep acted
+
+
 @pytest.mark.parametrize("shape", [(9, 20), (20, 9)])
 def test_row_blocks_give_the_whole_matrix_projection_carry_and_step(shape):
     """A matrix split by rows (FSDP2's shards, uneven): the blocks' left projections and carries sum to the
