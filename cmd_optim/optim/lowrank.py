@@ -227,6 +227,11 @@ class LowRank(Reduction):
             warnings.warn(f"LowRank(state_share={self.state_share}) gives {len(starved)} matrices a rank below "
                           f"{USEFUL_RANK} ({', '.join(starved[:5])}{', ...' if len(starved) > 5 else ''}): raise "
                           "state_share, or keep them free", RuntimeWarning, stacklevel=4)
+        if not any(plan.projected for plan in plans):
+            warnings.warn(f"LowRank projects none of the {len(plans)} tracked matrices (each has a shorter side of at "
+                          f"most min_side={self.min_side}, a rank that would reach it, or a base that keeps no state "
+                          "for it): the reduced phase trains every parameter in full with the base and saves no "
+                          "state", RuntimeWarning, stacklevel=4)
         phase = LowRankPhase(setup, self, plans)
         with phase.same_rounding():
             self._start(phase, base_state, gradients)

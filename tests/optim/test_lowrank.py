@@ -249,6 +249,20 @@ def test_a_share_too_small_for_useful_ranks_is_warned_about(digits):
         train(model, optimizer, digits, 30)
 
 
+@pytest.mark.parametrize("case", ["small", "stateless"])
+def test_a_reduction_that_projects_nothing_is_warned_about(digits, case):
+    """Matrices all at most ``min_side`` on their shorter side, or plain SGD (no state to save): the reduced
+    phase is full training, and the switch says so."""
+    model = mlp(hidden=64)
+    if case == "small":
+        optimizer = _cmd(model, base=torch.optim.AdamW, lr=1e-3, reduction=LowRank(min_side=64))
+    else:
+        optimizer = _cmd(model, lr=0.05, momentum=0.0)
+    with pytest.warns(RuntimeWarning, match=r"projects none of the 3 tracked matrices"):
+        train(model, optimizer, digits, 30)
+    assert optimizer.reduced_phase.ranks == [0, 0, 0]
+
+
 class _Tagger(nn.Module):
     """A token classifier: a large vocabulary that a batch uses a few rows of, and a small dense table."""
 
