@@ -19,18 +19,24 @@ def _orthonormal(d, r, seed):
     return torch.linalg.qr(torch.randn(d, r, generator=torch.Generator().manual_seed(seed))).Q
 
 
+def _step_case(shape, seed):
+    """A rank-3 basis of a (m, n) matrix, a gradient, its projection and a core step: (generator, left, basis,
+    grad, low, step)."""
+    m, n = shape
+    left = m <= n
+    gen = torch.Generator().manual_seed(seed)
+    basis = _orthonormal(min(m, n), 3, seed + 1)
+    grad = torch.randn(m, n, generator=gen)
+    low = project_reference(basis, left, grad)
+    return gen, left, basis, grad, low, -0.1 * torch.sign(low) * torch.rand(low.shape, generator=gen)
+
+
 @pytest.mark.parametrize("shape", [(6, 20), (20, 6)])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("gain", [1.0, 2.5])
 def test_the_fused_step_is_the_reference_step(shape, residual, gain):
-    m, n = shape
-    left = m <= n
-    gen = torch.Generator().manual_seed(1)
-    basis = _orthonormal(min(m, n), 3, 2)
-    grad = torch.randn(m, n, generator=gen)
-    low = project_reference(basis, left, grad)
-    step = -0.1 * torch.sign(low) * torch.rand(low.shape, generator=gen)
-    weight = torch.randn(m, n, generator=gen)
+    gen, left, basis, grad, low, step = _step_case(shape, 1)
+    weight = torch.randn(shape, generator=gen)
     expected, fused = weight.clone(), weight.clone()
     unit = weight.clone()
     apply_step_reference(unit, basis, left, step, grad if residual else None, low if residual else None)
@@ -53,13 +59,8 @@ def test_the_fused_step_is_the_reference_step(shape, residual, gain):
 def test_keep_is_decoupled_decay_before_the_move(shape, kernel):
     """``keep`` scales W as AdamW's decay does, then the move lands: the same as ``W *= keep`` and a step
     without it (the fused path folds it into its GEMM's beta), also for a non-contiguous float64 weight."""
+    gen, left, basis, grad, low, step = _step_case(shape, 3)
     m, n = shape
-    left = m <= n
-    gen = torch.Generator().manual_seed(3)
-    basis = _orthonormal(min(m, n), 3, 4)
-    grad = torch.randn(m, n, generator=gen)
-    low = project_reference(basis, left, grad)
-    step = -0.1 * torch.sign(low) * torch.rand(low.shape, generator=gen)
     for weight in (torch.randn(m, n, generator=gen), torch.randn(n, m, generator=gen, dtype=torch.float64).T):
         expected, kept = weight.clone(), weight.clone()
         expected.mul_(0.93)
