@@ -603,8 +603,9 @@ class LowRankPhase:
             return
         ratios = self._split_ratios(steps, grads)
         groups = self.setup.params.groups
-        gains = [self._gain(group) for group in groups]  # once per group (a tensor lr: one sync)
-        keeps = [self._keep(group) for group in groups]
+        rates = [float(group["lr"]) for group in groups]  # once per group (a tensor lr: one sync each)
+        gains = [self._gain(group, rate) for group, rate in zip(groups, rates)]
+        keeps = [self._keep(group, rate) for group, rate in zip(groups, rates)]
         for index, (p, core, full, low) in enumerate(zip(self.projected, self.cores, full_grads, grads)):
             if low is None:
                 continue
@@ -613,20 +614,21 @@ class LowRankPhase:
                            low, self._rows[index], ratios.get(index), gains[group], keeps[group])
             core.zero_()
 
-    def _keep(self, group: dict) -> float:
-        """What decoupled weight decay leaves of a projected matrix of visible ``group`` this step: ``1 - lr *
-        weight_decay`` (1 where the base adds the decay to the gradient instead, or has none)."""
+    def _keep(self, group: dict, rate: float) -> float:
+        """What decoupled weight decay leaves of a projected matrix of visible ``group`` (at its ``rate``) this
+        step: ``1 - rate * weight_decay`` (1 where the base adds the decay to the gradient instead, or has none)."""
         decay = group.get("weight_decay", 0.0)
         if not decay or not _decoupled(group, self.setup.make_base.optimizer_name):
             return 1.0
-        return 1.0 - float(group["lr"]) * decay
+        return 1.0 - rate * decay
 
-    def _gain(self, group: dict) -> float:
-        """How many times the base's step a projected matrix of visible ``group`` moves (see ``peak_cap``)."""
+    def _gain(self, group: dict, rate: float) -> float:
+        """How many times the base's step a projected matrix of visible ``group`` (at its ``rate``) moves (see
+        ``peak_cap``)."""
         scale = self.settings.step_scale
         if not self.settings.peak_cap:
             return scale
-        rate, peak = float(group["lr"]), float(group.get("initial_lr", group["lr"]))
+        peak = float(group.get("initial_lr", rate))
         return max(1.0, min(scale, peak / rate)) if rate > 0 else 1.0
 
     def _split_ratios(self, steps: list[torch.Tensor], grads: list[torch.Tensor | None]) -> dict[int, torch.Tensor]:
