@@ -335,3 +335,18 @@ def test_a_linear_schedule_reaches_every_row_from_its_own_peak_and_a_constant_on
     late = Recording(model.parameters(), lr=0.4)  # a peer built at the switch decays from its own peak
     harness_tasks.train(model, late, data, 0, 20, 21, 8, task.lr_factor)
     assert seen[-1] == pytest.approx([0.4 * 0.5])
+
+
+def test_step_lengths_scale_with_the_rate_and_are_measured_from_one_switch(tmp_path):
+    """On the quick GRU task every method's first step is measured from the same switch: a peer at lr x4 moves
+    exactly four times as far as at x1 (same state, same gradient, Adam's step linear in the rate), and the table
+    gives the default 1.00 of itself."""
+    from benchmarks import harness_tasks as tasks
+    from benchmarks import step_length
+
+    rows = step_length.measure(tasks.quick(tasks.TASKS["mnist1d_gru"]), 0, 2, tmp_path)
+    assert set(rows) == {"full", "default", "galore", "galore_lr4", "apollo", "apollo_lr4"}
+    assert all(len(v) == 2 and all(x > 0 for x in v) for v in rows.values())
+    for family in ("galore", "apollo"):
+        assert rows[f"{family}_lr4"][0] == pytest.approx(4 * rows[family][0], rel=1e-3)
+    assert "| default | 1.00 | 1.00 | 1.00 |" in step_length.table([rows])
