@@ -14,7 +14,8 @@ source matrices and returns the rotations ``P_new^T P_old`` (r, r) that carry op
 
 Each operation has a ``*_reference`` formula; :func:`apply_step` dispatches to the fused path (one GEMM
 into W instead of two and no (m, n) temporary for the residual) or the reference, and the tests hold the
-fused path to the reference.
+fused path to the reference. On a tall right-side matrix (:data:`TALL`: a vocabulary table, most of whose rows
+get no gradient in a step) the fused path and :func:`project` multiply only the rows that have one.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["KERNELS", "SubspaceMap", "apply_step", "apply_step_reference", "lift_reference", "project_reference",
-           "residual_scale", "rotate_state", "top_directions"]
+__all__ = ["KERNELS", "TALL", "SubspaceMap", "apply_step", "apply_step_reference", "lift_reference", "live_rows",
+           "project", "project_reference", "residual_scale", "rotate_state", "top_directions"]
 
 KERNELS = ("auto", "fused", "reference")
 
@@ -57,6 +58,38 @@ def project_reference(basis: torch.Tensor, left: bool, grad: torch.Tensor) -> to
 def lift_reference(basis: torch.Tensor, left: bool, low: torch.Tensor) -> torch.Tensor:
     """``P L`` (left) or ``L P^T`` (right): the (m, n) matrix of a core-shaped ``low``."""
     return basis @ low if left else low @ basis.T
+
+
+#: A right-side matrix at least this many times taller than wide (a vocabulary or position table, whose rows a
+#: batch reaches a few of) is projected and moved on its rows with a gradient or a move only, where those are at
+#: most half of its rows (the fused kernels; the reference always takes every row).
+TALL = 8
+
+
+def _tall(left: bool, shape: tuple[int, int]) -> bool:
+    return not left and shape[0] >= TALL * shape[1]
+
+
+def live_rows(*tensors: torch.Tensor) -> torch.Tensor | None:
+    """The indices of the rows that any of ``tensors`` (same row count) is nonzero in, if they are at most half
+    of the rows; None otherwise (the dense path is then as cheap). One host sync."""
+    live = tensors[0].any(1)
+    for t in tensors[1:]:
+        live |= t.any(1)
+    index = live.nonzero().squeeze(1)
+    return index if 2 * index.numel() <= live.numel() else None
+
+
+def project(basis: torch.Tensor, left: bool, grad: torch.Tensor) -> torch.Tensor:
+    """:func:`project_reference`; for a tall right-side matrix with rows of zero gradient (:data:`TALL`), the
+    product of the other rows only (the skipped rows' projections are 0)."""
+    if not _tall(left, grad.shape):
+        return project_reference(basis, left, grad)
+    g = grad.float()
+    index = live_rows(g)
+    if index is None:
+        return g @ basis
+    return g.new_zeros(g.shape[0], basis.shape[1]).index_copy_(0, index, g.index_select(0, index) @ basis)
 
 
 #: how far one line's residual scale may exceed the matrix's (a line whose projected gradient is nearly 0
@@ -111,6 +144,20 @@ def _apply_step_fused(weight: torch.Tensor, basis: torch.Tensor, left: bool, ste
         scale = residual_scale(step, low_grad, left, whole)
         core = torch.addcmul(step, scale, low_grad)
     target = weight.view(weight.shape[0], -1)
+    index = None
+    if _tall(left, target.shape) and weight.dtype == torch.float32 and weight.is_contiguous():
+        # a row moves only where its core step or its projected gradient is nonzero (the residual's scale is 0
+        # where the latter is): two (m, r) passes, not one over the (m, n) gradient
+        index = live_rows(step) if grad is None else live_rows(step, low_grad)
+    if index is not None:  # the rows that move: the others only decay
+        if keep != 1.0:
+            target.mul_(keep)
+        move = core.index_select(0, index) @ basis.T
+        if grad is not None:
+            move.addcmul_(scale.index_select(0, index), grad.reshape(target.shape).index_select(0, index).float(),
+                          value=-1.0)
+        target.index_add_(0, index, move, alpha=gain)
+        return
     if weight.dtype != torch.float32 or not weight.is_contiguous():
         move = lift_reference(basis, left, core)
         if grad is not None:
@@ -220,7 +267,8 @@ class SubspaceMap:
 
     def project(self, index: int, grad: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         e, basis, shape = self._block(index, rows)
-        return project_reference(basis, e.left, grad.reshape(shape))
+        grad = grad.reshape(shape)
+        return project_reference(basis, e.left, grad) if self.kernel == "reference" else project(basis, e.left, grad)
 
     def lift(self, index: int, low: torch.Tensor) -> torch.Tensor:
         e = self.entries[index]

@@ -8,6 +8,8 @@ from cmd_optim.core.subspace import (
     apply_step,
     apply_step_reference,
     lift_reference,
+    live_rows,
+    project,
     project_reference,
     residual_scale,
     rotate_state,
@@ -68,6 +70,34 @@ def test_keep_is_decoupled_decay_before_the_move(shape, kernel):
         apply_step(kept, basis, left, step, grad, low, kernel=kernel, gain=2.0, keep=0.93)
         torch.testing.assert_close(kept, expected, rtol=1e-6, atol=1e-6)
         assert not torch.allclose(kept, weight + (expected - 0.93 * weight) / 0.93, atol=1e-4)  # keep acted
+
+
+@pytest.mark.parametrize("live", [3, 40])
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_tall_matrix_with_rows_of_no_gradient_steps_as_the_reference(live, residual):
+    """A vocabulary-like (80, 6) matrix whose gradient has ``live`` nonzero rows (3: the row-sparse path; 40 of 80:
+    the dense one), its core step nonzero on two more rows (a moment of earlier steps): the fused projection and
+    move equal the reference's, and the rows with neither gradient nor step only decay."""
+    m, n = 80, 6
+    gen = torch.Generator().manual_seed(7)
+    basis = _orthonormal(n, 3, 8)
+    rows = torch.randperm(m, generator=gen)[:live]
+    grad = torch.zeros(m, n)
+    grad[rows] = torch.randn(live, n, generator=gen)
+    assert live_rows(grad) is None if 2 * live > m else torch.equal(live_rows(grad), rows.sort().values)
+    low = project(basis, False, grad)
+    torch.testing.assert_close(low, project_reference(basis, False, grad), rtol=1e-6, atol=1e-7)
+    step = -0.1 * low
+    step[rows[0] - 1] = 0.05  # rows moved by the core's state though this step's gradient is 0 there
+    step[(rows[0] + 7) % m] = -0.02
+    weight = torch.randn(m, n, generator=gen)
+    expected, fused = weight.clone(), weight.clone()
+    args = (grad, low) if residual else (None, None)
+    apply_step_reference(expected, basis, False, step, *args, gain=1.5, keep=0.9)
+    apply_step(fused, basis, False, step, *args, kernel="fused", gain=1.5, keep=0.9)
+    torch.testing.assert_close(fused, expected, rtol=1e-6, atol=1e-6)
+    still = (grad.ne(0).any(1) | step.ne(0).any(1)).logical_not()
+    torch.testing.assert_close(fused[still], 0.9 * weight[still])
 
 
 @pytest.mark.parametrize("shape", [(9, 20), (20, 9)])
