@@ -62,7 +62,8 @@ def lift_reference(basis: torch.Tensor, left: bool, low: torch.Tensor) -> torch.
 
 #: A right-side matrix at least this many times taller than wide (a vocabulary or position table, whose rows a
 #: batch reaches a few of) is projected and moved on its rows with a gradient or a move only, where those are at
-#: most half of its rows (the fused kernels; the reference always takes every row).
+#: most half of its rows (the fused kernels, one host sync in the projection and one in the move; the reference
+#: always takes every row).
 TALL = 8
 
 
@@ -83,12 +84,10 @@ def live_rows(*tensors: torch.Tensor) -> torch.Tensor | None:
 def project(basis: torch.Tensor, left: bool, grad: torch.Tensor) -> torch.Tensor:
     """:func:`project_reference`; for a tall right-side matrix with rows of zero gradient (:data:`TALL`), the
     product of the other rows only (the skipped rows' projections are 0)."""
-    if not _tall(left, grad.shape):
+    index = live_rows(grad) if _tall(left, grad.shape) else None
+    if index is None:
         return project_reference(basis, left, grad)
     g = grad.float()
-    index = live_rows(g)
-    if index is None:
-        return g @ basis
     return g.new_zeros(g.shape[0], basis.shape[1]).index_copy_(0, index, g.index_select(0, index) @ basis)
 
 
@@ -144,20 +143,6 @@ def _apply_step_fused(weight: torch.Tensor, basis: torch.Tensor, left: bool, ste
         scale = residual_scale(step, low_grad, left, whole)
         core = torch.addcmul(step, scale, low_grad)
     target = weight.view(weight.shape[0], -1)
-    index = None
-    if _tall(left, target.shape) and weight.dtype == torch.float32 and weight.is_contiguous():
-        # a row moves only where its core step or its projected gradient is nonzero (the residual's scale is 0
-        # where the latter is): two (m, r) passes, not one over the (m, n) gradient
-        index = live_rows(step) if grad is None else live_rows(step, low_grad)
-    if index is not None:  # the rows that move: the others only decay
-        if keep != 1.0:
-            target.mul_(keep)
-        move = core.index_select(0, index) @ basis.T
-        if grad is not None:
-            move.addcmul_(scale.index_select(0, index), grad.reshape(target.shape).index_select(0, index).float(),
-                          value=-1.0)
-        target.index_add_(0, index, move, alpha=gain)
-        return
     if weight.dtype != torch.float32 or not weight.is_contiguous():
         move = lift_reference(basis, left, core)
         if grad is not None:
@@ -165,6 +150,18 @@ def _apply_step_fused(weight: torch.Tensor, basis: torch.Tensor, left: bool, ste
         if keep != 1.0:
             weight.mul_(keep)
         weight.add_(move.mul_(gain).view(weight.shape).to(weight.dtype))  # move is a fresh temporary
+        return
+    # a tall matrix's row moves only where its core step or its projected gradient is nonzero (the residual's
+    # scale is 0 where the latter is): two (m, r) passes find them, not one over the (m, n) gradient
+    index = None if not _tall(left, target.shape) else live_rows(step) if grad is None else live_rows(step, low_grad)
+    if index is not None:  # the rows that move; the others only decay
+        if keep != 1.0:
+            target.mul_(keep)
+        move = core.index_select(0, index) @ basis.T
+        if grad is not None:
+            move.addcmul_(scale.index_select(0, index), grad.reshape(target.shape).index_select(0, index).float(),
+                          value=-1.0)
+        target.index_add_(0, index, move, alpha=gain)
         return
     if left:
         target.addmm_(basis, core, beta=keep, alpha=gain)
