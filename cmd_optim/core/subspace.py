@@ -62,13 +62,13 @@ def lift_reference(basis: torch.Tensor, left: bool, low: torch.Tensor) -> torch.
 
 #: A right-side matrix at least this many times taller than wide (a vocabulary or position table, whose rows a
 #: batch reaches a few of) is projected and moved on its rows with a gradient or a move only, where those are at
-#: most half of its rows (the fused kernels, one host sync in the projection and one in the move; the reference
-#: always takes every row).
+#: most half of its rows (the fused kernels, on the CPU only: finding the rows costs a host sync in the projection
+#: and one in the move, which on an accelerator would stall the queue; the reference always takes every row).
 TALL = 8
 
 
-def _tall(left: bool, shape: tuple[int, int]) -> bool:
-    return not left and shape[0] >= TALL * shape[1]
+def _tall(left: bool, matrix: torch.Tensor) -> bool:
+    return not left and matrix.device.type == "cpu" and matrix.shape[0] >= TALL * matrix.shape[1]
 
 
 def live_rows(*tensors: torch.Tensor) -> torch.Tensor | None:
@@ -84,7 +84,7 @@ def live_rows(*tensors: torch.Tensor) -> torch.Tensor | None:
 def project(basis: torch.Tensor, left: bool, grad: torch.Tensor) -> torch.Tensor:
     """:func:`project_reference`; for a tall right-side matrix with rows of zero gradient (:data:`TALL`), the
     product of the other rows only (the skipped rows' projections are 0)."""
-    index = live_rows(grad) if _tall(left, grad.shape) else None
+    index = live_rows(grad) if _tall(left, grad) else None
     if index is None:
         return project_reference(basis, left, grad)
     g = grad.float()
@@ -153,7 +153,7 @@ def _apply_step_fused(weight: torch.Tensor, basis: torch.Tensor, left: bool, ste
         return
     # a tall matrix's row moves only where its core step or its projected gradient is nonzero (the residual's
     # scale is 0 where the latter is): two (m, r) passes find them, not one over the (m, n) gradient
-    index = None if not _tall(left, target.shape) else live_rows(step) if grad is None else live_rows(step, low_grad)
+    index = None if not _tall(left, target) else live_rows(step) if grad is None else live_rows(step, low_grad)
     if index is not None:  # the rows that move; the others only decay
         if keep != 1.0:
             target.mul_(keep)

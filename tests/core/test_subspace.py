@@ -100,6 +100,17 @@ def test_a_tall_matrix_with_rows_of_no_gradient_steps_as_the_reference(live, res
     torch.testing.assert_close(fused[still], 0.9 * weight[still])
 
 
+def test_the_row_sparse_path_is_for_tall_right_side_matrices_on_the_cpu_only():
+    """Finding a tall matrix's live rows costs a host sync, so off the CPU (here the meta device) every row is
+    taken, as for a matrix that is not tall or is projected on its left."""
+    from cmd_optim.core.subspace import TALL, _tall
+
+    assert _tall(False, torch.empty(TALL * 6, 6))
+    assert not _tall(False, torch.empty(TALL * 6, 6, device="meta"))
+    assert not _tall(False, torch.empty(TALL * 6 - 1, 6))
+    assert not _tall(True, torch.empty(TALL * 6, 6))
+
+
 @pytest.mark.parametrize("shape", [(9, 20), (20, 9)])
 def test_row_blocks_give_the_whole_matrix_projection_carry_and_step(shape):
     """A matrix split by rows (FSDP2's shards, uneven): the blocks' left projections and carries sum to the
