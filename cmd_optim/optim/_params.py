@@ -175,39 +175,33 @@ def tensor_bytes(tree) -> int:
 def all_finite(tensors: Iterable[torch.Tensor | None]) -> bool:
     """True if no tensor holds a NaN or an infinity.
 
-    Small real floating tensors go through torch's fused non-finite check (the one ``GradScaler`` uses, at a scale
-    of 1, which leaves them unchanged): one call for all of a device's tensors, 3x cheaper than a Python loop of
-    per-tensor sums on an 85K-parameter model. A float32 or float64 tensor of at least :data:`SUM_CHECK` elements
-    is summed instead (NaN and infinities propagate through a sum), a read where the fused check also writes:
-    measured 1.3-1.6x cheaper on 1M-4M element tensors. Other dtypes are summed too. A flagged sum is checked
-    again element by element, so a finite tensor whose sum overflows passes. One host sync.
+    Real floating tensors go through torch's fused non-finite check (the one ``GradScaler`` uses, at a scale of
+    1, which leaves them unchanged): one pass over all of a device's tensors in a single call, which measured
+    3x cheaper than a Python loop of per-tensor sums on an 85K-parameter model (equal when memory-bound).
+    Other dtypes are summed (NaN and infinities propagate through a sum). One host sync.
     """
     fused: dict[torch.device, list[torch.Tensor]] = {}
-    summed = []
+    others = []
     for t in tensors:
         if t is None or not t.numel():
             continue
         if t.is_sparse:
             raise TypeError("a gradient is sparse; CMDOptimizer needs dense gradients")
-        if t.dtype in _FUSED_CHECK and not (t.dtype in _SUMMED_WHEN_LONG and t.numel() >= SUM_CHECK):
+        if t.dtype in _FUSED_CHECK:
             fused.setdefault(t.device, []).append(t)
         else:
-            summed.append(t)
+            others.append(t)
     found = []
     for device, group in fused.items():
         found.append(torch.zeros(1, device=device))
         torch._amp_foreach_non_finite_check_and_unscale_(group, found[-1], torch.ones(1, device=device))
-    sums = [(~torch.isfinite(t.sum())).reshape(1).float() for t in summed]
-    if not found and not sums:
+    found += [(~torch.isfinite(t.sum())).reshape(1).float() for t in others]
+    if not found:
         return True
-    flags = torch.cat([f.to((found + sums)[0].device) for f in found + sums]).tolist()
-    if any(flags[:len(found)]):
-        return False
-    return all(not flag or bool(torch.isfinite(t).all()) for flag, t in zip(flags[len(found):], summed))
+    if len(found) == 1:
+        return not bool(found[0])
+    return not bool(torch.cat([f.to(found[0].device) for f in found]).any())
 
 
-#: a float32 or float64 tensor at least this long (1 MiB of float32) is checked by its sum in :func:`all_finite`
-SUM_CHECK = 1 << 18
-_SUMMED_WHEN_LONG = (torch.float32, torch.float64)
 #: dtypes torch's fused non-finite check takes
 _FUSED_CHECK = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
