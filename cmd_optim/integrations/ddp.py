@@ -44,7 +44,8 @@ class CMDHookState:
     low-rank phase, per compressed matrix: ``errors``, this rank's error feedback (float32, core-shaped for a
     projected matrix, (m, n) for one trained in full; dropped when a new low-rank phase is attached, the
     exchange's count ``attachments``), and ``vectors``, the warm-started unit vector q on the matrix's long
-    side, the same on every rank, first drawn from ``seed``.
+    side, the same on every rank, first drawn from ``seed``. ``names``: each parameter's name in the module, the
+    keys of :meth:`state_dict`.
     """
 
     exchange: object
@@ -55,6 +56,57 @@ class CMDHookState:
     errors: dict = field(default_factory=dict)
     vectors: dict = field(default_factory=dict)
     attachments: int = 0
+    names: dict = field(default_factory=dict)
+
+    def state_dict(self) -> dict:
+        """This rank's error feedback and warm-start vectors by parameter name (the errors of projected matrices
+        in the current bases), and the byte and bucket counts: tensors and plain values, for
+        ``torch.load(..., weights_only=True)``. The errors differ by rank: each rank saves its own."""
+        errors = {}
+        if self.attachments == self.exchange.attachments:  # else they belong to an earlier phase
+            for p, error in self.errors.items():
+                if self.exchange.projects(p):
+                    error = self.errors[p] = self.exchange.rebase(p, error)
+                errors[self.names[p]] = error
+        return {"errors": errors, "vectors": {self.names[p]: q for p, q in self.vectors.items()},
+                "bytes_sent": self.bytes_sent, "bucket_calls": self.bucket_calls, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s errors and vectors, after the optimizer's own ``load_state_dict`` (the
+        errors are expressed in its low-rank phase's bases). Every entry is checked before any is taken: a
+        rejected state leaves the hook as it was."""
+        if not isinstance(state, dict) or set(state) != {"errors", "vectors", "bytes_sent", "bucket_calls", "seed"}:
+            raise ValueError("CMDHookState.load_state_dict: expected the keys errors, vectors, bytes_sent, "
+                             f"bucket_calls and seed, got {sorted(state) if isinstance(state, dict) else state!r}")
+        by_name = {name: p for p, name in self.names.items()}
+        if (state["errors"] or state["vectors"]) and not self.exchange.low_rank:
+            raise ValueError("CMDHookState.load_state_dict: the state holds a low-rank phase's error feedback, but "
+                             "the optimizer is not in that phase; load the optimizer's state_dict first")
+        taken = {}
+        for key, expected in (("errors", _sent_shape), ("vectors", lambda e, p: (max(_sent_shape(e, p)),))):
+            taken[key] = {}
+            for name, value in state[key].items():
+                p = by_name.get(name)
+                if p is None or p.ndim < 2:
+                    raise ValueError(f"CMDHookState.load_state_dict: {key}[{name!r}] names no matrix of the model")
+                shape = expected(self.exchange, p)
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                if got != shape:
+                    raise ValueError(f"CMDHookState.load_state_dict: {key}[{name!r}] should be a tensor of shape "
+                                     f"{shape}, got {got}")
+                if not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"CMDHookState.load_state_dict: {key}[{name!r}] is not a finite tensor")
+                taken[key][p] = value.to(device=p.device, dtype=torch.float32)
+        self.errors, self.vectors = taken["errors"], taken["vectors"]
+        self.attachments = self.exchange.attachments
+        self.bytes_sent, self.bucket_calls, self.seed = (int(state[k]) for k in ("bytes_sent", "bucket_calls", "seed"))
+
+
+def _sent_shape(exchange, p: torch.Tensor) -> tuple[int, ...]:
+    """The shape the low-rank exchange compresses for matrix ``p``: its core, or its (m, n) gradient."""
+    if exchange.projects(p):
+        return tuple(exchange.project(p, torch.zeros_like(p)).shape)
+    return (p.shape[0], p[0].numel())
 
 
 def _exchange_of(optimizer):
@@ -82,7 +134,7 @@ def register_cmd_hook(ddp_model: "torch.nn.parallel.DistributedDataParallel", op
     exchange = _exchange_of(optimizer)
     if exchange is None:
         raise TypeError(f"register_cmd_hook needs a CMDOptimizer, got {type(optimizer).__name__}")
-    state = CMDHookState(exchange, process_group)
+    state = CMDHookState(exchange, process_group, names={p: n for n, p in ddp_model.module.named_parameters()})
     ddp_model.register_comm_hook(state, _cmd_hook)
     exchange.mark_hooked(process_group)
     return state

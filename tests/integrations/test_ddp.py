@@ -1,6 +1,8 @@
 """Two gloo processes on the CPU against one process on the same global batch."""
+import copy
 import functools
 import os
+import re
 
 import pytest
 import torch
@@ -535,6 +537,81 @@ def test_the_lowrank_hook_on_one_process_compresses_deterministically_as_its_ref
             assert len(errors) == 3 and rotated == 2  # both bases renewed
             runs.append([p.detach() for p in model.parameters()])
         assert all(torch.equal(p, q) for p, q in zip(*runs))
+    finally:
+        dist.destroy_process_group()
+
+
+def _hooked_run(data, steps, saved=None, load_hook=True, save_at=None):
+    """World 1, the low-rank hook: train ``steps`` (a range), from ``saved`` (model, optimizer and hook states)
+    if given; returns the final weights, the states after step ``save_at`` and the hook's state."""
+    model, optimizer = lowrank_model_and_optimizer()
+    ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.004)
+    state = register_cmd_hook(ddp, optimizer)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        if load_hook:
+            state.load_state_dict(saved["hook"])
+    states = None
+    for step in steps:
+        x, y = batch(step, data)
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == save_at:  # a copy, as a checkpoint is (a state_dict holds the live tensors)
+            states = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                    "hook": state.state_dict()})
+    return [p.detach().clone() for p in model.parameters()], states, state
+
+
+def test_the_lowrank_hooks_error_feedback_resumes_exactly(tmp_path):
+    """Saved right after a refresh (the errors still in the old bases until the next exchange), the hook's
+    state_dict loads with weights_only=True, and a run resumed from it ends on the uninterrupted run's weights;
+    resumed without it, the errors start afresh and the weights differ."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        data, refresh, end = datasets.digits(seed=0), LOW_WARMUP + REFRESH_EVERY, LOW_WARMUP + REFRESH_EVERY + 6
+        whole, saved, hook = _hooked_run(data, range(end), save_at=refresh)
+        assert len(saved["hook"]["errors"]) == 3 and len(saved["hook"]["vectors"]) == 3
+        torch.save(saved, tmp_path / "saved.pt")
+        saved = torch.load(tmp_path / "saved.pt", weights_only=True)
+        resumed, _, again = _hooked_run(data, range(refresh + 1, end), saved)
+        assert all(torch.equal(p, q) for p, q in zip(whole, resumed))
+        assert again.bytes_sent == hook.bytes_sent  # (not the bucket calls: DDP rebuilds its buckets once per run)
+        fresh, _, _ = _hooked_run(data, range(refresh + 1, end), saved, load_hook=False)
+        assert not all(torch.equal(p, q) for p, q in zip(whole, fresh))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_bad_hook_state_is_refused_and_leaves_the_hook_as_it_was(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    try:
+        data = datasets.digits(seed=0)
+        _, saved, state = _hooked_run(data, range(LOW_WARMUP + 3), save_at=LOW_WARMUP + 2)
+        saved = saved["hook"]
+        kept = (dict(state.errors), dict(state.vectors), state.bytes_sent)
+        assert sorted(saved["errors"]) == ["0.weight", "2.weight", "4.weight"]  # two cores, the head in full
+        bad = [({**saved, "extra": 1}, "expected the keys"),
+               ({**saved, "errors": {**saved["errors"], "nope.weight": torch.zeros(2, 2)}}, "'nope.weight'"),
+               ({**saved, "errors": {**saved["errors"], "0.bias": torch.zeros(32)}}, "'0.bias'")]
+        for name, error in saved["errors"].items():
+            shape = tuple(error.shape)
+            bad += [({**saved, "errors": {**saved["errors"], name: torch.zeros(shape[0] + 1, shape[1])}},
+                     re.escape(f"errors[{name!r}] should be a tensor of shape {shape}")),
+                    ({**saved, "vectors": {**saved["vectors"], name: torch.zeros(max(shape) + 1)}},
+                     re.escape(f"vectors[{name!r}] should be a tensor of shape {(max(shape),)}")),
+                    ({**saved, "vectors": {**saved["vectors"], name: torch.full((max(shape),), float("nan"))}},
+                     "finite")]
+        for state_dict, message in bad:
+            with pytest.raises(ValueError, match=message):
+                state.load_state_dict(state_dict)
+            assert (state.errors, state.vectors, state.bytes_sent) == kept
+        model, optimizer = lowrank_model_and_optimizer()  # still in its warm-up
+        warm = register_cmd_hook(nn.parallel.DistributedDataParallel(model), optimizer)
+        with pytest.raises(ValueError, match="load the optimizer's state_dict first"):
+            warm.load_state_dict(saved)
+        assert not warm.errors and not warm.vectors
     finally:
         dist.destroy_process_group()
 
