@@ -20,6 +20,14 @@ from cmd_optim.optim._dist_checks import check_rank_consistency
 STEPS, WARMUP, GLOBAL_BATCH = 50, 30, 64
 
 
+@pytest.fixture
+def one_rank(tmp_path):
+    """A gloo process group of this process alone, for the test's length."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 def model_and_optimizer():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
@@ -282,48 +290,40 @@ def test_trainer_with_the_default_reduction_compresses_under_the_hook(tmp_path):
     assert sent[20:] == [4 * ranks[0]["numbers"]] * 20 and sent[-1] < sent[0] / 10
 
 
-def test_sharding_other_than_fsdp2_rows_is_refused(tmp_path):
+def test_sharding_other_than_fsdp2_rows_is_refused(one_rank):
     """FSDP2's row shards are supported (tests/integrations/test_fsdp.py); a replicated or column-sharded
     DTensor, and a mix of sharded and unsharded tracked parameters, are refused with the reason."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        rows = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))  # what FSDP2 trains
-        assert CMDOptimizer([rows], switch_after=20).sharding is not None
-        for placement in (Replicate(), Shard(1)):
-            other = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [placement]))
-            with pytest.raises(TypeError, match="CMDOptimizer supports FSDP2's Shard\\(0\\)"):
-                CMDOptimizer([other], switch_after=20)
-        with pytest.raises(TypeError, match="some tracked parameters are FSDP2 shards and some are not"):
-            CMDOptimizer([rows, nn.Parameter(torch.randn(3))], switch_after=20)
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (1,))
+    rows = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Shard(0)]))  # what FSDP2 trains
+    assert CMDOptimizer([rows], switch_after=20).sharding is not None
+    for placement in (Replicate(), Shard(1)):
+        other = nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [placement]))
+        with pytest.raises(TypeError, match="CMDOptimizer supports FSDP2's Shard\\(0\\)"):
+            CMDOptimizer([other], switch_after=20)
+    with pytest.raises(TypeError, match="some tracked parameters are FSDP2 shards and some are not"):
+        CMDOptimizer([rows, nn.Parameter(torch.randn(3))], switch_after=20)
 
 
-def test_a_step_without_a_synchronised_backward_is_an_error(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
-    try:
-        data = datasets.digits(seed=0)
-        model, optimizer = model_and_optimizer()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        register_cmd_hook(ddp, optimizer)
-        for step in range(WARMUP + 2):
-            x, y = batch(step, data)
-            nn.functional.cross_entropy(ddp(x), y).backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        assert optimizer.phase == "reduced"
-        before = [p.detach().clone() for p in model.parameters()]
-        with ddp.no_sync():
-            nn.functional.cross_entropy(ddp(x), y).backward()
-        with pytest.raises(RuntimeError, match="no mode gradient from the DDP hook"):
-            optimizer.step()
-        assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
-    finally:
-        dist.destroy_process_group()
+def test_a_step_without_a_synchronised_backward_is_an_error(one_rank):
+    data = datasets.digits(seed=0)
+    model, optimizer = model_and_optimizer()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    register_cmd_hook(ddp, optimizer)
+    for step in range(WARMUP + 2):
+        x, y = batch(step, data)
+        nn.functional.cross_entropy(ddp(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert optimizer.phase == "reduced"
+    before = [p.detach().clone() for p in model.parameters()]
+    with ddp.no_sync():
+        nn.functional.cross_entropy(ddp(x), y).backward()
+    with pytest.raises(RuntimeError, match="no mode gradient from the DDP hook"):
+        optimizer.step()
+    assert all(torch.equal(p, q) for p, q in zip(before, model.parameters()))
 
 
 # ---------------------------------------------------------------------------------------------- low-rank hook
@@ -495,50 +495,46 @@ def expected_gradient(phase, p, g, error, q):
     return (approx if index is None else phase.map.lift(index, approx)).view_as(g), left
 
 
-def test_the_lowrank_hook_on_one_process_compresses_deterministically_as_its_reference(tmp_path):
+def test_the_lowrank_hook_on_one_process_compresses_deterministically_as_its_reference(one_rank):
     """World 1: the hook still compresses (as on N ranks, the average being this rank's own gradient): each
     step's ``.grad`` is the reference's, with the error the steps before left, rotated into the new bases by a
     refresh (none after a loaded state: a new phase, whose bases may be others); two runs are identical."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
-    try:
-        data, runs = datasets.digits(seed=0), []
-        for _ in range(2):
-            model, optimizer = lowrank_model_and_optimizer()
-            ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.004)
-            state = register_cmd_hook(ddp, optimizer)
-            # the first q of each matrix (on its long side) given, not drawn by the hook
-            state.vectors.update({p: nn.functional.normalize(torch.randn(max(p.shape)), dim=0)
-                                  for p in model.parameters() if p.ndim == 2})
-            errors, rotated = {}, 0
-            for step in range(LOW_WARMUP + REFRESH_EVERY + 3):  # a refresh at step 20
-                x, y = batch(step, data)
-                if step == LOW_WARMUP + 5:
-                    optimizer.load_state_dict(optimizer.state_dict())
-                    errors = {}
-                local = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
-                vectors = {p: q.clone() for p, q in state.vectors.items()}
-                nn.functional.cross_entropy(ddp(x), y).backward()
-                phase = optimizer.reduced_phase
-                for p, g in zip(model.parameters(), local) if phase is not None else ():
-                    if p.ndim < 2:
-                        assert torch.equal(p.grad, g)  # sent whole
-                        continue
-                    expected, errors[p] = expected_gradient(phase, p, g, errors.get(p, 0), vectors[p])
-                    torch.testing.assert_close(p.grad, expected, atol=1e-6, rtol=1e-5)
-                    assert not torch.allclose(p.grad, g, atol=1e-4)  # compressed
-                old = [b.clone() for b in phase.map.bases] if phase is not None else []
-                optimizer.step()
-                optimizer.zero_grad()
-                for index, (before, after) in enumerate(zip(old, phase.map.bases if phase is not None else [])):
-                    if not torch.equal(before, after):  # refreshed: P_new^T P_old
-                        p = phase.projected[index]
-                        errors[p] = phase.map.rotate(index, errors[p], after.T @ before, second_moment=False)
-                        rotated += 1
-            assert len(errors) == 3 and rotated == 2  # both bases renewed
-            runs.append([p.detach() for p in model.parameters()])
-        assert all(torch.equal(p, q) for p, q in zip(*runs))
-    finally:
-        dist.destroy_process_group()
+    data, runs = datasets.digits(seed=0), []
+    for _ in range(2):
+        model, optimizer = lowrank_model_and_optimizer()
+        ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.004)
+        state = register_cmd_hook(ddp, optimizer)
+        # the first q of each matrix (on its long side) given, not drawn by the hook
+        state.vectors.update({p: nn.functional.normalize(torch.randn(max(p.shape)), dim=0)
+                              for p in model.parameters() if p.ndim == 2})
+        errors, rotated = {}, 0
+        for step in range(LOW_WARMUP + REFRESH_EVERY + 3):  # a refresh at step 20
+            x, y = batch(step, data)
+            if step == LOW_WARMUP + 5:
+                optimizer.load_state_dict(optimizer.state_dict())
+                errors = {}
+            local = torch.autograd.grad(nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+            vectors = {p: q.clone() for p, q in state.vectors.items()}
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            phase = optimizer.reduced_phase
+            for p, g in zip(model.parameters(), local) if phase is not None else ():
+                if p.ndim < 2:
+                    assert torch.equal(p.grad, g)  # sent whole
+                    continue
+                expected, errors[p] = expected_gradient(phase, p, g, errors.get(p, 0), vectors[p])
+                torch.testing.assert_close(p.grad, expected, atol=1e-6, rtol=1e-5)
+                assert not torch.allclose(p.grad, g, atol=1e-4)  # compressed
+            old = [b.clone() for b in phase.map.bases] if phase is not None else []
+            optimizer.step()
+            optimizer.zero_grad()
+            for index, (before, after) in enumerate(zip(old, phase.map.bases if phase is not None else [])):
+                if not torch.equal(before, after):  # refreshed: P_new^T P_old
+                    p = phase.projected[index]
+                    errors[p] = phase.map.rotate(index, errors[p], after.T @ before, second_moment=False)
+                    rotated += 1
+        assert len(errors) == 3 and rotated == 2  # both bases renewed
+        runs.append([p.detach() for p in model.parameters()])
+    assert all(torch.equal(p, q) for p, q in zip(*runs))
 
 
 def _hooked_run(data, steps, saved=None, load_hook=True, save_at=None):
@@ -564,56 +560,48 @@ def _hooked_run(data, steps, saved=None, load_hook=True, save_at=None):
     return [p.detach().clone() for p in model.parameters()], states, state
 
 
-def test_the_lowrank_hooks_error_feedback_resumes_exactly(tmp_path):
+def test_the_lowrank_hooks_error_feedback_resumes_exactly(one_rank, tmp_path):
     """Saved right after a refresh (the errors still in the old bases until the next exchange), the hook's
     state_dict loads with weights_only=True, and a run resumed from it ends on the uninterrupted run's weights;
     resumed without it, the errors start afresh and the weights differ."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
-    try:
-        data, refresh, end = datasets.digits(seed=0), LOW_WARMUP + REFRESH_EVERY, LOW_WARMUP + REFRESH_EVERY + 6
-        whole, saved, hook = _hooked_run(data, range(end), save_at=refresh)
-        assert len(saved["hook"]["errors"]) == 3 and len(saved["hook"]["vectors"]) == 3
-        torch.save(saved, tmp_path / "saved.pt")
-        saved = torch.load(tmp_path / "saved.pt", weights_only=True)
-        resumed, _, again = _hooked_run(data, range(refresh + 1, end), saved)
-        assert all(torch.equal(p, q) for p, q in zip(whole, resumed))
-        assert again.bytes_sent == hook.bytes_sent  # (not the bucket calls: DDP rebuilds its buckets once per run)
-        fresh, _, _ = _hooked_run(data, range(refresh + 1, end), saved, load_hook=False)
-        assert not all(torch.equal(p, q) for p, q in zip(whole, fresh))
-    finally:
-        dist.destroy_process_group()
+    data, refresh, end = datasets.digits(seed=0), LOW_WARMUP + REFRESH_EVERY, LOW_WARMUP + REFRESH_EVERY + 6
+    whole, saved, hook = _hooked_run(data, range(end), save_at=refresh)
+    assert len(saved["hook"]["errors"]) == 3 and len(saved["hook"]["vectors"]) == 3
+    torch.save(saved, tmp_path / "saved.pt")
+    saved = torch.load(tmp_path / "saved.pt", weights_only=True)
+    resumed, _, again = _hooked_run(data, range(refresh + 1, end), saved)
+    assert all(torch.equal(p, q) for p, q in zip(whole, resumed))
+    assert again.bytes_sent == hook.bytes_sent  # (not the bucket calls: DDP rebuilds its buckets once per run)
+    fresh, _, _ = _hooked_run(data, range(refresh + 1, end), saved, load_hook=False)
+    assert not all(torch.equal(p, q) for p, q in zip(whole, fresh))
 
 
-def test_a_bad_hook_state_is_refused_and_leaves_the_hook_as_it_was(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
-    try:
-        data = datasets.digits(seed=0)
-        _, saved, state = _hooked_run(data, range(LOW_WARMUP + 3), save_at=LOW_WARMUP + 2)
-        saved = saved["hook"]
-        kept = (dict(state.errors), dict(state.vectors), state.bytes_sent)
-        assert sorted(saved["errors"]) == ["0.weight", "2.weight", "4.weight"]  # two cores, the head in full
-        bad = [({**saved, "extra": 1}, "expected the keys"),
-               ({**saved, "errors": {**saved["errors"], "nope.weight": torch.zeros(2, 2)}}, "'nope.weight'"),
-               ({**saved, "errors": {**saved["errors"], "0.bias": torch.zeros(32)}}, "'0.bias'")]
-        for name, error in saved["errors"].items():
-            shape = tuple(error.shape)
-            bad += [({**saved, "errors": {**saved["errors"], name: torch.zeros(shape[0] + 1, shape[1])}},
-                     re.escape(f"errors[{name!r}] should be a tensor of shape {shape}")),
-                    ({**saved, "vectors": {**saved["vectors"], name: torch.zeros(max(shape) + 1)}},
-                     re.escape(f"vectors[{name!r}] should be a tensor of shape {(max(shape),)}")),
-                    ({**saved, "vectors": {**saved["vectors"], name: torch.full((max(shape),), float("nan"))}},
-                     "finite")]
-        for state_dict, message in bad:
-            with pytest.raises(ValueError, match=message):
-                state.load_state_dict(state_dict)
-            assert (state.errors, state.vectors, state.bytes_sent) == kept
-        model, optimizer = lowrank_model_and_optimizer()  # still in its warm-up
-        warm = register_cmd_hook(nn.parallel.DistributedDataParallel(model), optimizer)
-        with pytest.raises(ValueError, match="load the optimizer's state_dict first"):
-            warm.load_state_dict(saved)
-        assert not warm.errors and not warm.vectors
-    finally:
-        dist.destroy_process_group()
+def test_a_bad_hook_state_is_refused_and_leaves_the_hook_as_it_was(one_rank):
+    data = datasets.digits(seed=0)
+    _, saved, state = _hooked_run(data, range(LOW_WARMUP + 3), save_at=LOW_WARMUP + 2)
+    saved = saved["hook"]
+    kept = (dict(state.errors), dict(state.vectors), state.bytes_sent)
+    assert sorted(saved["errors"]) == ["0.weight", "2.weight", "4.weight"]  # two cores, the head in full
+    bad = [({**saved, "extra": 1}, "expected the keys"),
+           ({**saved, "errors": {**saved["errors"], "nope.weight": torch.zeros(2, 2)}}, "'nope.weight'"),
+           ({**saved, "errors": {**saved["errors"], "0.bias": torch.zeros(32)}}, "'0.bias'")]
+    for name, error in saved["errors"].items():
+        shape = tuple(error.shape)
+        bad += [({**saved, "errors": {**saved["errors"], name: torch.zeros(shape[0] + 1, shape[1])}},
+                 re.escape(f"errors[{name!r}] should be a tensor of shape {shape}")),
+                ({**saved, "vectors": {**saved["vectors"], name: torch.zeros(max(shape) + 1)}},
+                 re.escape(f"vectors[{name!r}] should be a tensor of shape {(max(shape),)}")),
+                ({**saved, "vectors": {**saved["vectors"], name: torch.full((max(shape),), float("nan"))}},
+                 "finite")]
+    for state_dict, message in bad:
+        with pytest.raises(ValueError, match=message):
+            state.load_state_dict(state_dict)
+        assert (state.errors, state.vectors, state.bytes_sent) == kept
+    model, optimizer = lowrank_model_and_optimizer()  # still in its warm-up
+    warm = register_cmd_hook(nn.parallel.DistributedDataParallel(model), optimizer)
+    with pytest.raises(ValueError, match="load the optimizer's state_dict first"):
+        warm.load_state_dict(saved)
+    assert not warm.errors and not warm.vectors
 
 
 def test_power_step_reference_with_error_feedback_loses_nothing():
