@@ -67,19 +67,25 @@ class CMDCallback(TrainerCallback):
     Reporters (TensorBoard, W&B, ...) are callbacks that run in order; to have them see these keys,
     add the callback in front of them with :meth:`install`. Installed that way it also registers the
     CMD communication hook (:func:`cmd_optim.integrations.ddp.register_cmd_hook`) on the Trainer's own
-    DistributedDataParallel wrapper under ``torchrun``; ``hook_state`` then counts the bytes sent.
+    DistributedDataParallel wrapper under ``torchrun``; ``hook_state`` then counts the bytes sent, and each rank
+    writes the hook's state (the low-rank phase's error feedback) to ``cmd_hook_rank<rank>.pt`` in every
+    checkpoint folder and loads it on resume. A resumed Trainer does not tell callbacks which checkpoint it
+    resumes from: pass the same folder as ``resume_from_checkpoint`` (otherwise the callback looks in
+    ``output_dir/checkpoint-<step>``, and warns if a low-rank phase resumes without the file there).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, resume_from_checkpoint=None) -> None:
         self._switch_logged = False
         self._trainer = None
         self.hook_state = None
+        self.resume_from_checkpoint = resume_from_checkpoint
 
     @classmethod
-    def install(cls, trainer) -> CMDCallback:
+    def install(cls, trainer, resume_from_checkpoint=None) -> CMDCallback:
         """Put a new CMDCallback first among ``trainer``'s callbacks, so every reporter sees its keys, and
-        let it register the DDP communication hook on the Trainer's wrapper when there is one."""
-        callback = cls()
+        let it register the DDP communication hook on the Trainer's wrapper when there is one (its state
+        resumed from ``resume_from_checkpoint``, the folder given to ``trainer.train``)."""
+        callback = cls(resume_from_checkpoint)
         callback._trainer = trainer
         trainer.callback_handler.callbacks.insert(0, callback)
         return callback
@@ -93,10 +99,33 @@ class CMDCallback(TrainerCallback):
             cmd = find_cmd_optimizer(optimizer)
             if cmd is not None and not cmd.mode_exchange.hooked:
                 self.hook_state = register_cmd_hook(wrapped, cmd)
+                if state.global_step > 0:
+                    self._resume_hook(args, state)
         elif self._trainer is None and torch.distributed.is_available() and torch.distributed.is_initialized():
             warnings.warn("CMDCallback() passed to the Trainer cannot reach its DDP wrapper; use "
                           "CMDCallback.install(trainer) to register the CMD communication hook (without it, or "
                           "process_group= given to the CMDOptimizer, each rank switches alone)", stacklevel=2)
+        return control
+
+    def _hook_file(self, folder) -> Path:
+        return Path(folder) / f"cmd_hook_rank{torch.distributed.get_rank()}.pt"
+
+    def _resume_hook(self, args, state) -> None:
+        folder = self.resume_from_checkpoint or Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        saved = self._hook_file(folder)
+        if saved.exists():
+            self.hook_state.load_state_dict(torch.load(saved, weights_only=True))
+        elif self.resume_from_checkpoint is not None:
+            raise FileNotFoundError(f"{saved} does not exist: the checkpoint holds no CMD hook state")
+        elif self.hook_state.exchange.low_rank:
+            warnings.warn(f"resuming at step {state.global_step} without {saved}: the CMD hook's error feedback "
+                          "starts afresh; pass resume_from_checkpoint= to CMDCallback.install", stacklevel=2)
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.hook_state is not None:
+            saved = self._hook_file(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.hook_state.state_dict(), saved)
         return control
 
     def on_step_end(self, args, state, control, optimizer=None, **kwargs):

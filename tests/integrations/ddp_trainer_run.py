@@ -1,10 +1,11 @@
 """Run under torchrun by tests/integrations/test_ddp.py: a Trainer with CMDOptimizer on 2 gloo processes.
 
     torchrun --nproc_per_node 2 tests/integrations/ddp_trainer_run.py OUTPUT [CHECKPOINT]
-    torchrun --nproc_per_node 2 tests/integrations/ddp_trainer_run.py OUTPUT lowrank
+    torchrun --nproc_per_node 2 tests/integrations/ddp_trainer_run.py OUTPUT lowrank [CHECKPOINT]
 
 The first trains with the mode reduction (and resumes from CHECKPOINT); ``lowrank`` trains with the default
-reduction, refreshing its bases every 5 steps, and also saves the numbers its hook should send per step.
+reduction, refreshing its bases every 5 steps (and resumes from CHECKPOINT, the hook's state with it), and also
+saves the numbers its hook should send per step.
 """
 import os
 import sys
@@ -48,9 +49,9 @@ def low_rank_numbers(optimizer, model) -> int:
     return total
 
 
-def main(output, checkpoint=None):
+def main(output, checkpoint=None, resumed=None):
     lowrank = checkpoint == "lowrank"
-    checkpoint = None if lowrank else checkpoint
+    checkpoint = resumed if lowrank else checkpoint
     train_x, train_y, _, _ = datasets.vader_sentiment(seed=0)
     torch.manual_seed(0)
     model = BertForSequenceClassification(tiny_bert_config())
@@ -65,7 +66,8 @@ def main(output, checkpoint=None):
                              ddp_backend="gloo", dataloader_num_workers=0, logging_steps=10)
     trainer = Trainer(model=model, args=args, train_dataset=Words(train_x[:1000], train_y[:1000]),
                       optimizers=(optimizer, None))
-    recorder = BytesPerStep(CMDCallback.install(trainer))  # registers the CMD hook on the Trainer's DDP wrapper
+    recorder = BytesPerStep(CMDCallback.install(trainer, resume_from_checkpoint=checkpoint if lowrank else None))
+    # (install registers the CMD hook on the Trainer's DDP wrapper)
     trainer.add_callback(recorder)
     trainer.train(resume_from_checkpoint=checkpoint)
     rank = dist.get_rank()

@@ -278,7 +278,8 @@ def test_trainer_on_two_processes_trains_and_resumes(tmp_path):
 
 def test_trainer_with_the_default_reduction_compresses_under_the_hook(tmp_path):
     """CMDCallback.install registers the hook on the Trainer's own DDP wrapper: after the switch it sends the
-    low-rank hook's numbers, through refreshes, and the ranks stay identical (under the Trainer's clipping)."""
+    low-rank hook's numbers, through refreshes, and the ranks stay identical (under the Trainer's clipping); the
+    hook's state travels with the checkpoints, and a resumed run ends on the same weights."""
     pytest.importorskip("transformers")
     pytest.importorskip("vaderSentiment")
     _torchrun(os.path.join(os.path.dirname(__file__), "ddp_trainer_run.py"), str(tmp_path), "lowrank")
@@ -288,6 +289,12 @@ def test_trainer_with_the_default_reduction_compresses_under_the_hook(tmp_path):
     sent = ranks[0]["sent"]
     assert sent[:20] == [4 * ranks[0]["num_params"]] * 20
     assert sent[20:] == [4 * ranks[0]["numbers"]] * 20 and sent[-1] < sent[0] / 10
+    # resumed after the switch and a refresh, the hook's error feedback from the checkpoint: the same weights
+    assert all((tmp_path / "checkpoint-25" / f"cmd_hook_rank{r}.pt").exists() for r in range(2))
+    _torchrun(os.path.join(os.path.dirname(__file__), "ddp_trainer_run.py"), str(tmp_path / "resumed"), "lowrank",
+              str(tmp_path / "checkpoint-25"))
+    resumed = torch.load(tmp_path / "resumed" / "final-rank0.pt", weights_only=True)
+    assert resumed["steps"] == 40 and all(torch.equal(p, q) for p, q in zip(ranks[0]["params"], resumed["params"]))
 
 
 def test_sharding_other_than_fsdp2_rows_is_refused(one_rank):
@@ -602,6 +609,29 @@ def test_a_bad_hook_state_is_refused_and_leaves_the_hook_as_it_was(one_rank):
     with pytest.raises(ValueError, match="load the optimizer's state_dict first"):
         warm.load_state_dict(saved)
     assert not warm.errors and not warm.vectors
+
+
+def test_the_trainer_callback_saves_the_hook_state_per_rank_and_says_when_a_resume_lacks_it(one_rank, tmp_path):
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from cmd_optim.integrations.hf import CMDCallback
+
+    _, _, hook = _hooked_run(datasets.digits(seed=0), range(LOW_WARMUP + 3))
+    args, at = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=13)
+    callback = CMDCallback()
+    callback.hook_state = hook
+    callback.on_save(args, at, None)
+    saved = torch.load(tmp_path / "checkpoint-13" / "cmd_hook_rank0.pt", weights_only=True)
+    assert set(saved["errors"]) == {"0.weight", "2.weight", "4.weight"}
+    hook.errors.clear()
+    callback._resume_hook(args, at)  # found in output_dir/checkpoint-<step>
+    assert len(hook.errors) == 3
+    with pytest.warns(UserWarning, match="error feedback starts afresh"):
+        callback._resume_hook(args, SimpleNamespace(global_step=14))
+    callback.resume_from_checkpoint = str(tmp_path / "elsewhere")
+    with pytest.raises(FileNotFoundError, match="holds no CMD hook state"):
+        callback._resume_hook(args, at)
 
 
 def test_power_step_reference_with_error_feedback_loses_nothing():
