@@ -299,7 +299,8 @@ def test_trainer_with_the_default_reduction_compresses_under_the_hook(tmp_path):
 
 def test_sharding_other_than_fsdp2_rows_is_refused(one_rank):
     """FSDP2's row shards are supported (tests/integrations/test_fsdp.py); a replicated or column-sharded
-    DTensor, and a mix of sharded and unsharded tracked parameters, are refused with the reason."""
+    DTensor, a mix of sharded and unsharded tracked parameters, and shards given a replicas' process_group, are
+    refused with the reason."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -312,6 +313,8 @@ def test_sharding_other_than_fsdp2_rows_is_refused(one_rank):
             CMDOptimizer([other], switch_after=20)
     with pytest.raises(TypeError, match="some tracked parameters are FSDP2 shards and some are not"):
         CMDOptimizer([rows, nn.Parameter(torch.randn(3))], switch_after=20)
+    with pytest.raises(TypeError, match="process_group declares ranks that hold replicas; FSDP2 shards"):
+        CMDOptimizer([rows], switch_after=20, process_group=dist.group.WORLD)
 
 
 def test_a_step_without_a_synchronised_backward_is_an_error(one_rank):
