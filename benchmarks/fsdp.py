@@ -336,6 +336,10 @@ Command: `python -m benchmarks.fsdp --world {world} --steps {steps}`
 Where CMD costs more than plain FSDP2 here: every step sends CMD's extra on top of FSDP2's own collectives,
 which still run in full (the saving is optimizer state, not communication); and, measured in this run:
 {chr(10).join(costs)}
+
+No PowerSGD row: torch's PowerSGD is a DDP communication hook (it compresses DDP's gradient buckets), and
+FSDP2's `fully_shard` takes no communication hook, so there is no PowerSGD to run beside it; PowerSGD at equal
+bytes is in the section "Data-parallel accuracy against bytes sent".
 """
 
 
