@@ -78,6 +78,8 @@ class CMDHookState:
         if not isinstance(state, dict) or set(state) != {"errors", "vectors", "bytes_sent", "bucket_calls", "seed"}:
             raise ValueError("CMDHookState.load_state_dict: expected the keys errors, vectors, bytes_sent, "
                              f"bucket_calls and seed, got {sorted(state) if isinstance(state, dict) else state!r}")
+        if not all(isinstance(state[key], dict) for key in ("errors", "vectors")):
+            raise ValueError("CMDHookState.load_state_dict: errors and vectors should be dicts by parameter name")
         by_name = {name: p for p, name in self.names.items()}
         if (state["errors"] or state["vectors"]) and not self.exchange.low_rank:
             raise ValueError("CMDHookState.load_state_dict: the state holds a low-rank phase's error feedback, but "

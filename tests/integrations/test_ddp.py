@@ -592,7 +592,7 @@ def test_a_bad_hook_state_is_refused_and_leaves_the_hook_as_it_was(one_rank):
     saved = saved["hook"]
     kept = (dict(state.errors), dict(state.vectors), state.bytes_sent)
     assert sorted(saved["errors"]) == ["0.weight", "2.weight", "4.weight"]  # two cores, the head in full
-    bad = [({**saved, "extra": 1}, "expected the keys"),
+    bad = [({**saved, "extra": 1}, "expected the keys"), ({**saved, "errors": [1]}, "should be dicts"),
            ({**saved, "errors": {**saved["errors"], "nope.weight": torch.zeros(2, 2)}}, "'nope.weight'"),
            ({**saved, "errors": {**saved["errors"], "0.bias": torch.zeros(32)}}, "'0.bias'")]
     for name, error in saved["errors"].items():
