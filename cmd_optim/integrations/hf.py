@@ -55,6 +55,11 @@ def trainer_optimizer(model: torch.nn.Module, *, weight_decay: float = 0.0,
 _DECOMPOSITION_KEYS = ("modes", "decomposed_params", "snapshots", "relative_error", "explained_variance")
 
 
+def _checkpoint_folder(args, state) -> Path:
+    """The folder the Trainer writes (or, resuming with ``resume_from_checkpoint=True``, reads) at this step."""
+    return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+
 class CMDCallback(TrainerCallback):
     """Adds a CMDOptimizer's state to every training log of the Trainer.
 
@@ -111,7 +116,7 @@ class CMDCallback(TrainerCallback):
         return Path(folder) / f"cmd_hook_rank{torch.distributed.get_rank()}.pt"
 
     def _resume_hook(self, args, state) -> None:
-        folder = self.resume_from_checkpoint or Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = self.resume_from_checkpoint or _checkpoint_folder(args, state)
         saved = self._hook_file(folder)
         if saved.exists():
             self.hook_state.load_state_dict(torch.load(saved, weights_only=True))
@@ -123,7 +128,7 @@ class CMDCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         if self.hook_state is not None:
-            saved = self._hook_file(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+            saved = self._hook_file(_checkpoint_folder(args, state))
             saved.parent.mkdir(parents=True, exist_ok=True)
             torch.save(self.hook_state.state_dict(), saved)
         return control
@@ -184,7 +189,7 @@ class OnlineCMDCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:
             return control
-        folder = self.resume_from_checkpoint or Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = self.resume_from_checkpoint or _checkpoint_folder(args, state)
         saved = Path(folder) / self.FILE
         if saved.exists():
             self.cmd_model.load_state_dict(torch.load(saved, weights_only=True))
@@ -227,7 +232,7 @@ class OnlineCMDCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = _checkpoint_folder(args, state)
         if folder.is_dir():
             torch.save(self.cmd_model.state_dict(), folder / self.FILE)
         return control
