@@ -107,7 +107,7 @@ class CMDHookState:
 def _sent_shape(exchange, p: torch.Tensor) -> tuple[int, ...]:
     """The shape the low-rank exchange compresses for matrix ``p``: its core, or its (m, n) gradient."""
     if exchange.projects(p):
-        return tuple(exchange.project(p, torch.zeros_like(p)).shape)
+        return tuple(exchange.core_shape(p))
     return (p.shape[0], p[0].numel())
 
 

@@ -117,6 +117,10 @@ class ModeExchange:
         """The core gradient of a projected matrix's ``grad``: ``P^T G`` (r, n) or ``G P`` (m, r), float32."""
         return self._subspaces.map.project(self._subspaces.subspace_of(param), grad)
 
+    def core_shape(self, param: torch.Tensor) -> tuple[int, int]:
+        """The shape of a projected matrix's core, what :meth:`project` returns: (r, n) or (m, r)."""
+        return self._subspaces.map.core_shape(self._subspaces.subspace_of(param))
+
     def lift(self, param: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
         """A core-shaped ``low`` as the (m, n) matrix ``P L`` or ``L P^T`` (:meth:`project` recovers it)."""
         return self._subspaces.map.lift(self._subspaces.subspace_of(param), low)

@@ -171,7 +171,7 @@ def test_a_refresh_takes_the_top_directions_of_its_step_gradient_and_rotates_the
 
 def test_the_exchange_shows_a_hook_the_subspaces_and_rebases_its_state_through_a_refresh(digits):
     """What a communication hook reads of the low-rank phase (cmd_optim.optim.exchange): the projection and
-    lift of each projected matrix, when a refresh is due, this rank's stashed gradient as its source, and a
+    lift of each projected matrix and its core's shape, when a refresh is due, this rank's stashed gradient as its source, and a
     core-shaped tensor rotated into the new basis once; a loaded state is a new attachment."""
     model = mlp(hidden=64)
     optimizer = _cmd(model, reduction=LowRank(refresh_every=5))
@@ -183,6 +183,7 @@ def test_the_exchange_shows_a_hook_the_subspaces_and_rebases_its_state_through_a
                                                                   for p in model.parameters()]
     index, p = 1, phase.projected[1]
     kept = torch.randn(phase.map.core_shape(index))
+    assert exchange.core_shape(p) == tuple(exchange.project(p, torch.randn_like(p)).shape) == kept.shape
     torch.testing.assert_close(exchange.project(p, exchange.lift(p, kept)), kept)
     assert torch.equal(exchange.rebase(p, kept), kept)  # no refresh yet
     train(model, optimizer, digits, 35, start=34)
