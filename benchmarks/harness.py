@@ -56,6 +56,17 @@ CMD_METHODS = {"default": {}, "modes": {"reduction": "modes"},
 #: step GaLore's scale 0.25 takes, and at GaLore's x4, beside ``full_lr025`` and ``full_lr4``, to tell a peer's
 #: lead from its step size.
 CMD_LR_SCALE = {"default_lr025": 0.25, "default_lr4": 4.0}
+#: CMD rows whose rate is scaled at the switch on one part of the model only, (projectable matrices, the rest):
+#: which parameters a longer step helps (benchmarks/rate_split.py). The default in two parameter groups, which
+#: leaves its warm-up the base run's.
+CMD_GROUP_SCALE = {"default_proj4": (4.0, 1.0), "default_free4": (1.0, 4.0)}
+CMD_METHODS.update(dict.fromkeys(CMD_GROUP_SCALE, {}))
+
+
+def projectable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters the default projects by its shape rule: matrices (conv kernels as (out, rest)) whose
+    shorter side is above 16 (``LowRank.min_side``)."""
+    return [p for p in model.parameters() if p.ndim >= 2 and min(p.shape[0], p[0].numel()) > 16]
 
 
 @dataclass(frozen=True)
@@ -123,12 +134,16 @@ def run_cmd(task: tasks.Task, seed: int, method: str, checkpoint: Path) -> list[
     from cmd_optim import CMDOptimizer
 
     model = tasks.build(task, seed)
-    optimizer = CMDOptimizer(model, base=task.optimizer_class, switch_after=task.switch, seed=seed,
+    params = model.parameters()
+    if method in CMD_GROUP_SCALE:
+        matrices = {id(p) for p in projectable(model)}
+        params = [{"params": [p for p in model.parameters() if (id(p) in matrices) == inside]} for inside in (True, False)]
+    optimizer = CMDOptimizer(params, base=task.optimizer_class, switch_after=task.switch, seed=seed,
                              **task.base_kwargs, **CMD_METHODS[method])
     tasks.train(model, optimizer, tasks.load(task.data), seed, 0, task.switch, task.batch, task.lr_factor)
     base = torch.load(checkpoint)
     difference = max(float((v - base[k]).abs().max()) for k, v in model.state_dict().items() if v.is_floating_point())
-    tasks.set_peak_rate(optimizer, CMD_LR_SCALE.get(method, 1.0))
+    tasks.set_peak_rate(optimizer, CMD_GROUP_SCALE.get(method) or CMD_LR_SCALE.get(method, 1.0))
     result = _continue(model, optimizer, task, seed)
     return [dict(method=method, **result, state_bytes=optimizer.state_bytes, trainable=optimizer.trainable_dims,
                  warmup_max_diff=difference, reduction=(optimizer.switch_report or {}).get("reduction"))]

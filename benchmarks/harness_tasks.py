@@ -12,7 +12,7 @@ import hashlib
 import os
 import sys
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -392,10 +392,11 @@ def batch_at(data: Examples | Stream, seed: int, step: int, size: int):
     return data.batch(torch.Generator().manual_seed(seed * 100_003 + step), size)
 
 
-def set_peak_rate(optimizer, factor: float = 1.0) -> None:
+def set_peak_rate(optimizer, factor: float | Sequence[float] = 1.0) -> None:
     """Record each parameter group's peak rate (``initial_lr``, as torch's schedulers name it) from its ``lr``,
-    times ``factor``; :func:`train` sets ``lr`` from it at every step."""
-    for group in optimizer.param_groups:
+    times ``factor`` (one per group, or one for all); :func:`train` sets ``lr`` from it at every step."""
+    factors = [factor] * len(optimizer.param_groups) if isinstance(factor, (int, float)) else factor
+    for group, factor in zip(optimizer.param_groups, factors, strict=True):
         group["initial_lr"] = group.get("initial_lr", group["lr"]) * factor
         group["lr"] *= factor
 

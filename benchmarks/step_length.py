@@ -33,7 +33,7 @@ PEER_ROWS = {"galore": ("galore", 1), "galore_lr4": ("galore", 4), "apollo": ("a
 def step_lengths(task: tasks.Task, model: torch.nn.Module, optimizer, seed: int, steps: int) -> list[float]:
     """The relative length of each of the ``steps`` steps after the switch (the harness's batches and rates)."""
     data = tasks.load(task.data)
-    matrices = [p for p in model.parameters() if p.ndim >= 2 and min(p.shape[0], p[0].numel()) > 16]
+    matrices = harness.projectable(model)
     lengths = []
     for step in range(task.switch, task.switch + steps):
         before = [p.detach().clone() for p in matrices]

@@ -350,3 +350,38 @@ def test_step_lengths_scale_with_the_rate_and_are_measured_from_one_switch(tmp_p
     for family in ("galore", "apollo"):
         assert rows[f"{family}_lr4"][0] == pytest.approx(4 * rows[family][0], rel=1e-3)
     assert "| default | 1.00 | 1.00 | 1.00 |" in step_length.table([rows])
+
+
+def test_rate_split_rows_scale_one_part_of_the_model_from_the_base_runs_switch(tmp_path):
+    """``default_proj4`` and ``default_free4`` run the default in two parameter groups (its warm-up is still the
+    base run's) and scale only one group's peak at the switch; the section pairs every row with the peer at x4."""
+    from benchmarks import harness, harness_tasks, rate_split
+
+    model = harness_tasks.build(harness_tasks.quick(harness_tasks.TASKS["mnist1d_gru"]), 0)
+    matrices = harness.projectable(model)
+    assert matrices and all(min(p.shape[0], p[0].numel()) > 16 for p in matrices)
+    assert any(p.ndim == 1 for p in model.parameters()) and not any(p.ndim == 1 for p in matrices)
+    optimizer = torch.optim.SGD([{"params": matrices}, {"params": [model.hh.bias]}], lr=0.1)
+    harness_tasks.set_peak_rate(optimizer, harness.CMD_GROUP_SCALE["default_free4"])
+    assert [(g["lr"], g["initial_lr"]) for g in optimizer.param_groups] == pytest.approx([(0.1, 0.1), (0.4, 0.4)])
+    with pytest.raises(ValueError):
+        harness_tasks.set_peak_rate(optimizer, (1.0, 2.0, 3.0))  # one factor per group
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        records = harness.measure(["mnist1d_gru"], ["default", "default_proj4", "default_free4"], 1, 1, quick=True)
+    finally:
+        torch.set_num_threads(threads)
+    rows = {r["method"]: r for r in records}
+    for name in ("default_proj4", "default_free4"):
+        assert rows[name]["warmup_max_diff"] <= 1e-6 and rows[name]["trainable"] == rows["default"]["trainable"]
+        assert rows[name]["val_loss"] != rows["default"]["val_loss"]
+    synthetic = [dict(task="t", method=m, seed=s, val_loss=v) for m, losses in
+                 {"apollo_lr4": [1.0, 1.1, 1.2], "full": [1.0, 1.0, 1.0], "default": [1.1, 1.2, 1.3],
+                  "default_proj4": [0.9, 1.0, 1.0]}.items() for s, v in enumerate(losses)]
+    text = rate_split.table(synthetic, "t")
+    assert ("| default | 3 | 1.2000 | +0.1000 [+0.1000, +0.1000], 0/3, apollo_lr4 ahead | "
+            "+0.2000 [-0.0484, +0.4484], 0/3, within noise |") in text
+    assert "| default_proj4 | 3 | 0.9667 | -0.1333 [-0.2768, +0.0101], 3/3, within noise |" in text
+    assert "| apollo_lr4 | 3 | 1.1000 | - |" in text and "| full | 3 | 1.0000 |" in text
