@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import base_rates, harness, paired
 from . import harness_tasks as tasks
-from .report import machine, write_json, write_section
+from .report import add_output_arguments, machine, write_json, write_section
 
 RESULTS = Path(__file__).resolve().parent / "results" / "rate_split.json"
 ROWS = ["full", "default", "default_proj4", "default_free4", "default_lr4", "apollo", "apollo_lr4"]
@@ -95,9 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=6)
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="the harness's smoke configuration of the task")
-    parser.add_argument("--json", type=Path, default=RESULTS)
-    parser.add_argument("--report", action="store_true", help="only rewrite the doc section from the JSON")
-    parser.add_argument("--no-write", action="store_true", help="print the table; write no JSON or doc")
+    add_output_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     if args.report:
         payload = json.loads(args.json.read_text())

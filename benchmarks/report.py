@@ -1,6 +1,7 @@
 """Writing one benchmark's section into docs/benchmarks.md, leaving the other sections alone."""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import re
@@ -65,3 +66,11 @@ def comparison_table(rows: list[dict]) -> str:
         lines.append(f"{r['method']:<{width}} {r['accuracy']:>8.3f} {r['dims']:>18,} {r['seconds']:>9.2f} "
                      f"{state if unit == 'KiB' else state / 1024:>12.1f} {unit}")
     return "\n".join(lines)
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, results: Path) -> None:
+    """The options of a benchmark that keeps its records in a JSON and its table in one doc section:
+    ``--json`` (default ``results``), ``--report`` and ``--no-write``."""
+    parser.add_argument("--json", type=Path, default=results)
+    parser.add_argument("--report", action="store_true", help="only rewrite the doc section from the JSON")
+    parser.add_argument("--no-write", action="store_true", help="print the table; write no JSON or doc")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from . import harness, paired
-from .report import machine, write_json, write_section
+from .report import add_output_arguments, machine, write_json, write_section
 
 RESULTS = Path(__file__).resolve().parent / "results" / "step_scale.json"
 BASELINE = "lowrank_scale1"
@@ -99,9 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=10, help="seeds of the six small tasks")
     parser.add_argument("--lm-seeds", type=int, default=3, help="seeds of the two language models")
     parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=RESULTS)
-    parser.add_argument("--report", action="store_true", help="only rewrite the doc section from the JSON")
-    parser.add_argument("--no-write", action="store_true", help="print the table; write no JSON or doc")
+    add_output_arguments(parser, RESULTS)
     args = parser.parse_args(argv)
     if args.report:
         payload = json.loads(args.json.read_text())
