@@ -65,8 +65,8 @@ CMD_METHODS.update(dict.fromkeys(CMD_GROUP_SCALE, {}))
 
 def projectable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The parameters the default projects by its shape rule: matrices (conv kernels as (out, rest)) whose
-    shorter side is above 16 (``LowRank.min_side``)."""
-    return [p for p in model.parameters() if p.ndim >= 2 and min(p.shape[0], p[0].numel()) > 16]
+    shorter side is above ``LowRank.min_side``."""
+    return [p for p in model.parameters() if p.ndim >= 2 and min(p.shape[0], p[0].numel()) > LowRank.min_side]
 
 
 @dataclass(frozen=True)

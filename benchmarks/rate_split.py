@@ -28,6 +28,15 @@ ROWS = ["full", "default", "default_proj4", "default_free4", "default_lr4", "apo
 AGAINST = ["apollo_lr4", "full"]
 
 
+def compare(records: list[dict], task: str, row: str, other: str) -> tuple[float, float, float, list[float]] | None:
+    """``row``'s final loss minus ``other``'s, seed by seed: mean, 95% interval and the differences (None
+    without two shared seeds)."""
+    found = paired.differences(records, task, (other,), (row,)) if other != row else None
+    if found is None or len(found[2]) < 2:
+        return None
+    return (*paired.interval(found[2]), found[2])
+
+
 def table(records: list[dict], task: str) -> str:
     """Per row: the seeds' mean loss, and its paired difference with each row of :data:`AGAINST`."""
     head = " | ".join(f"loss - {row}'s: mean [95% interval], seeds lower, verdict" for row in AGAINST)
@@ -39,28 +48,25 @@ def table(records: list[dict], task: str) -> str:
             continue
         cells = []
         for other in AGAINST:
-            found = paired.differences(records, task, (other,), (row,)) if other != row else None
-            if found is None or len(found[2]) < 2:
+            found = compare(records, task, row, other)
+            if found is None:
                 cells.append("-")
                 continue
-            mean, low, high = paired.interval(found[2])
-            verdict = {"peer ahead": f"{other} ahead", "CMD ahead": f"{row} ahead"}.get(paired.verdict(low, high),
-                                                                                      "within noise")
-            cells.append(f"{mean:+.4f} [{low:+.4f}, {high:+.4f}], {sum(d < 0 for d in found[2])}/{len(found[2])}, "
-                         f"{verdict}")
+            mean, low, high, diffs = found
+            verdict = f"{other} ahead" if low > 0 else f"{row} ahead" if high < 0 else "within noise"
+            cells.append(f"{mean:+.4f} [{low:+.4f}, {high:+.4f}], {sum(d < 0 for d in diffs)}/{len(diffs)}, {verdict}")
         lines.append(f"| {row} | {len(losses)} | {statistics.fmean(losses):.4f} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
 def reading(records: list[dict], task: str) -> str:
-    """Which part's x4 closes the gap to ``apollo_lr4``: the rows ahead of it or level with it, in words."""
-    level = []
+    """Where each CMD row and APOLLO x1 stand against ``apollo_lr4`` (behind, level or ahead), in words."""
+    words = []
     for row in ROWS[1:-1]:
-        found = paired.differences(records, task, ("apollo_lr4",), (row,))
-        if found is not None and len(found[2]) >= 2:
-            mean, low, high = paired.interval(found[2])
-            level.append(f"`{row}` {'behind' if low > 0 else 'ahead' if high < 0 else 'level'} ({mean:+.4f})")
-    return "Against `apollo_lr4`: " + ", ".join(level) + "." if level else ""
+        if (found := compare(records, task, row, "apollo_lr4")) is not None:
+            mean, low, high, _ = found
+            words.append(f"`{row}` {'behind' if low > 0 else 'ahead' if high < 0 else 'level'} ({mean:+.4f})")
+    return "Against `apollo_lr4`: " + ", ".join(words) + "." if words else ""
 
 
 def report(payload: dict, write: bool = True) -> str:

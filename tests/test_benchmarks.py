@@ -352,7 +352,7 @@ def test_step_lengths_scale_with_the_rate_and_are_measured_from_one_switch(tmp_p
     assert "| default | 1.00 | 1.00 | 1.00 |" in step_length.table([rows])
 
 
-def test_rate_split_rows_scale_one_part_of_the_model_from_the_base_runs_switch(tmp_path):
+def test_rate_split_rows_scale_one_part_of_the_model_from_the_base_runs_switch():
     """``default_proj4`` and ``default_free4`` run the default in two parameter groups (its warm-up is still the
     base run's) and scale only one group's peak at the switch; the section pairs every row with the peer at x4."""
     from benchmarks import harness, harness_tasks, rate_split
@@ -363,7 +363,8 @@ def test_rate_split_rows_scale_one_part_of_the_model_from_the_base_runs_switch(t
     assert any(p.ndim == 1 for p in model.parameters()) and not any(p.ndim == 1 for p in matrices)
     optimizer = torch.optim.SGD([{"params": matrices}, {"params": [model.hh.bias]}], lr=0.1)
     harness_tasks.set_peak_rate(optimizer, harness.CMD_GROUP_SCALE["default_free4"])
-    assert [g[key] for g in optimizer.param_groups for key in ("lr", "initial_lr")] == pytest.approx([0.1, 0.1, 0.4, 0.4])
+    rates = [g[key] for g in optimizer.param_groups for key in ("lr", "initial_lr")]
+    assert rates == pytest.approx([0.1, 0.1, 0.4, 0.4])
     with pytest.raises(ValueError):
         harness_tasks.set_peak_rate(optimizer, (1.0, 2.0, 3.0))  # one factor per group
 

@@ -170,9 +170,9 @@ def test_a_refresh_takes_the_top_directions_of_its_step_gradient_and_rotates_the
 
 
 def test_the_exchange_shows_a_hook_the_subspaces_and_rebases_its_state_through_a_refresh(digits):
-    """What a communication hook reads of the low-rank phase (cmd_optim.optim.exchange): the projection and
-    lift of each projected matrix and its core's shape, when a refresh is due, this rank's stashed gradient as its source, and a
-    core-shaped tensor rotated into the new basis once; a loaded state is a new attachment."""
+    """What a communication hook reads of the low-rank phase (cmd_optim.optim.exchange): the projection, lift
+    and core shape of each projected matrix, when a refresh is due, this rank's stashed gradient as its source,
+    and a core-shaped tensor rotated into the new basis once; a loaded state is a new attachment."""
     model = mlp(hidden=64)
     optimizer = _cmd(model, reduction=LowRank(refresh_every=5))
     exchange = optimizer.exchange
